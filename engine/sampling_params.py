@@ -1,4 +1,4 @@
-"""SamplingParams: what a request asks of the sampler and the stop logic. Validated on construction."""
+"""SamplingParams: what a request asks of the sampler and the stop logic; validated on creation."""
 
 from __future__ import annotations
 

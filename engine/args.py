@@ -1,0 +1,63 @@
+"""EngineArgs: user-facing knobs with "auto" values, resolved once into a frozen EngineConfig."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig, ModelConfig
+from engine.kv_layout import DTYPE_BYTES
+
+GiB = 1 << 30
+
+
+@dataclass(slots=True)
+class EngineArgs:
+    model: str
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # auto: cuda if available, else cpu
+    load_format: str = "auto"  # auto: safetensors; "dummy": random weights
+    block_size: int = 16
+    kv_cache_gib: float = 2.0  # KV pool size when num_blocks is not given
+    num_blocks: int | None = None
+    max_model_len: int | None = None  # None: the model's max_position_embeddings (<= 8192)
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+    def resolve(self) -> EngineConfig:
+        model_dir = Path(self.model).expanduser()
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model directory {model_dir} does not exist")
+        model = ModelConfig.from_dir(model_dir)
+        device = self.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = "float32" if device == "cpu" else "bfloat16"
+        max_model_len = self.max_model_len or min(model.max_position_embeddings, 8192)
+        if model.sliding_window is not None and self.max_model_len is None:
+            max_model_len = min(max_model_len, model.sliding_window)
+        num_blocks = self.num_blocks
+        if num_blocks is None:
+            token_bytes = model.num_layers * 2 * model.num_kv_heads * model.head_dim
+            block_bytes = token_bytes * DTYPE_BYTES[dtype] * self.block_size
+            num_blocks = int(self.kv_cache_gib * GiB) // block_bytes
+        return EngineConfig(
+            model_dir=model_dir,
+            model=model,
+            dtype=dtype,
+            device=device,
+            load_format="safetensors" if self.load_format == "auto" else self.load_format,
+            block_size=self.block_size,
+            num_blocks=num_blocks,
+            max_model_len=max_model_len,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=self.max_num_seqs,
+            enable_prefix_caching=self.enable_prefix_caching,
+            seed=self.seed,
+        )

@@ -1,0 +1,87 @@
+"""Paged attention over the KV pool with torch SDPA (CPU and any torch device).
+
+Each layer first writes the step's new K/V into their slots, then attends:
+  - decode rows (1 new token) in one batched SDPA call over their gathered, padded contexts;
+  - each prefill chunk on its own: straight over its fresh K/V when it starts at position 0
+    (no gather), else over its gathered context [0, num_computed + chunk) with a causal mask.
+Gathering copies a row's blocks into a contiguous tensor: simple and device-neutral; the GPU
+issue replaces this file's internals with kernels that read the pool in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillSpan:
+    start: int  # first token of the chunk in the step's flat token dimension
+    end: int
+    num_computed_tokens: int  # context already in the pool before this chunk
+    block_table: torch.Tensor  # [num_blocks_covering_context] long; unused when context is 0
+    mask: torch.Tensor | None  # [1, 1, chunk, context] bool (True = attend); None: is_causal
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    """Built once per step by the model runner, shared by every layer."""
+
+    slot_blocks: torch.Tensor  # [N] long: block id of each new token
+    slot_offsets: torch.Tensor  # [N] long: offset inside that block
+    decode_token_idx: torch.Tensor | None  # [Bd] long: tokens of the decode rows
+    decode_block_tables: torch.Tensor | None  # [Bd, max_blocks] long (padded)
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_blocks * block_size] bool
+    prefills: tuple[PrefillSpan, ...]
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """cache [NB, bs, H, D], block_table [..., nb] -> [..., H, nb * bs, D] (a copy)."""
+    g = cache[block_table]  # [..., nb, bs, H, D]
+    g = g.flatten(-4, -3)  # [..., nb * bs, H, D]
+    return g.transpose(-3, -2)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+) -> torch.Tensor:
+    """q [N, Hq, D], k/v [N, Hk, D] for the step's new tokens -> output [N, Hq, D].
+
+    Mutates k_cache / v_cache (the new tokens' slots) and nothing else.
+    """
+    k_cache[meta.slot_blocks, meta.slot_offsets] = k
+    v_cache[meta.slot_blocks, meta.slot_offsets] = v
+    out = torch.empty_like(q)
+    if meta.decode_token_idx is not None:
+        assert meta.decode_block_tables is not None and meta.decode_mask is not None
+        qd = q[meta.decode_token_idx].unsqueeze(2)  # [Bd, Hq, 1, D]
+        kd = _gather(k_cache, meta.decode_block_tables)  # [Bd, Hk, T, D]
+        vd = _gather(v_cache, meta.decode_block_tables)
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=True)
+        out[meta.decode_token_idx] = od.squeeze(2)
+    for span in meta.prefills:
+        qp = q[span.start : span.end].transpose(0, 1)  # [Hq, L, D]
+        if span.mask is None:
+            kp = k[span.start : span.end].transpose(0, 1)  # [Hk, L, D]
+            vp = v[span.start : span.end].transpose(0, 1)
+            op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, enable_gqa=True)
+        else:
+            context = span.mask.shape[-1]
+            kp = _gather(k_cache, span.block_table)[:, :context]  # [Hk, ctx, D]
+            vp = _gather(v_cache, span.block_table)[:, :context]
+            op = F.scaled_dot_product_attention(
+                qp.unsqueeze(0),
+                kp.unsqueeze(0),
+                vp.unsqueeze(0),
+                attn_mask=span.mask,
+                enable_gqa=True,
+            ).squeeze(0)
+        out[span.start : span.end] = op.transpose(0, 1)
+    return out

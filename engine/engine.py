@@ -1,0 +1,185 @@
+"""Engine: add requests, step (schedule -> execute -> update), report deltas. Single-threaded:
+callers in other threads must hand requests over through their own queue."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.model_runner import ModelRunner
+from engine.outputs import RequestOutput
+from engine.plan import StepResult, TokenLogprob
+from engine.request import FinishReason, Request
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.text_stream import TextStream
+from runtime.tokenizer import Tokenizer
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(config)
+        self.block_manager = BlockManager(
+            config.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.streams: dict[str, TextStream] = {}
+        self.eos_token_ids = frozenset(config.model.eos_token_ids) | (
+            tokenizer.eos_token_ids if tokenizer is not None else frozenset()
+        )
+
+    # ---- intake ---------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        hold_kv_on_finish: bool = False,
+    ) -> None:
+        """Queue a request. Raises ValueError on anything the engine cannot serve."""
+        req = self._new_request(request_id, prompt_token_ids, params, hold_kv_on_finish)
+        self._open_stream(req)
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str) -> None:
+        """Finish a queued or running request now and free its blocks; unknown ids are ignored
+        (the request may have finished in the meantime)."""
+        req = self.scheduler.requests.get(request_id)
+        if req is not None:
+            self.scheduler.finish(req, FinishReason.ABORT)
+            self.streams.pop(request_id, None)
+
+    # ---- role hooks -------------------------------------------------------------------------
+    def reserve_kv(self, request_id: str, num_tokens: int) -> list[int]:
+        """Decode role: blocks for `num_tokens` of KV written by someone else (OutOfBlocks)."""
+        return self.scheduler.reserve(request_id, num_tokens)
+
+    def cancel_kv_reservation(self, request_id: str) -> None:
+        self.scheduler.cancel_reservation(request_id)
+
+    def admit_prefilled(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        first_token_id: int,
+        params: SamplingParams,
+    ) -> list[RequestOutput]:
+        """Decode role: the prompt's KV has landed in the reserved blocks; `first_token_id`
+        was sampled by the prefill side. Returns the output for that first token (which may
+        already finish the request)."""
+        req = self._new_request(request_id, prompt_token_ids, params, False)
+        req.token_ids.append(first_token_id)
+        self._open_stream(req)
+        self.scheduler.admit_prefilled(req)
+        if first_token_id in req.stop_token_ids:
+            self.scheduler.finish(req, FinishReason.STOP, stop_reason=first_token_id)
+        elif req.num_output_tokens >= req.max_tokens:
+            self.scheduler.finish(req, FinishReason.LENGTH)
+        return self._outputs([req], StepResult({request_id: first_token_id}, {}))
+
+    def release_kv(self, request_id: str) -> None:
+        """Prefill role: the hand-off is done (or failed); free the held blocks."""
+        self.scheduler.release_held(request_id)
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        result = self.runner.execute(plan)
+        touched = self.scheduler.update(plan, result)
+        return self._outputs(touched, result)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def check_integrity(self) -> None:
+        """Raise BlockAccountingError unless every block's ref count matches its holders."""
+        self.block_manager.check_integrity(self.scheduler.block_holders())
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _new_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        hold_kv_on_finish: bool,
+    ) -> Request:
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if params.n != 1:
+            raise ValueError("the engine takes n == 1; expand n > 1 into separate requests")
+        prompt = tuple(int(t) for t in prompt_token_ids)
+        vocab = self.config.model.vocab_size
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if any(not 0 <= t < vocab for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in (*params.logit_bias, *params.stop_token_ids)):
+            raise ValueError(f"logit_bias and stop_token_ids must name ids in [0, {vocab})")
+        room = self.config.max_model_len - len(prompt)
+        if room < 1:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens; this model's context is "
+                f"{self.config.max_model_len}, which leaves no room for output"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer")
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        return Request(
+            request_id=request_id,
+            prompt_token_ids=prompt,
+            params=params,
+            max_tokens=room if params.max_tokens is None else min(params.max_tokens, room),
+            stop_token_ids=eos | frozenset(params.stop_token_ids),
+            arrival_s=time.monotonic(),
+            hold_kv_on_finish=hold_kv_on_finish,
+        )
+
+    def _open_stream(self, req: Request) -> None:
+        if self.tokenizer is not None:
+            self.streams[req.request_id] = TextStream(
+                self.tokenizer,
+                req.prompt_token_ids,
+                req.params.stop,
+                req.params.include_stop_str_in_output,
+                req.params.skip_special_tokens,
+            )
+
+    def _outputs(self, reqs: list[Request], result: StepResult) -> list[RequestOutput]:
+        outputs = []
+        for req in reqs:
+            token = req.token_ids[-1]
+            text = ""
+            stream = self.streams.get(req.request_id)
+            if stream is not None:
+                text, stop_str = stream.add([token])
+                if stop_str is not None:
+                    # the stop string wins even over an EOS sampled in the same step
+                    self.scheduler.finish(req, FinishReason.STOP, stop_reason=stop_str)
+                    req.finish_reason, req.stop_reason = FinishReason.STOP, stop_str
+                elif req.is_finished:
+                    text += stream.finish()
+                if req.is_finished:
+                    del self.streams[req.request_id]
+            logprob: TokenLogprob | None = result.logprobs.get(req.request_id)
+            outputs.append(
+                RequestOutput(
+                    request_id=req.request_id,
+                    new_token_ids=(token,),
+                    new_logprobs=(logprob,) if logprob is not None else (),
+                    text_delta=text,
+                    finished=req.is_finished,
+                    finish_reason=req.finish_reason,
+                    stop_reason=req.stop_reason,
+                    num_prompt_tokens=req.num_prompt_tokens,
+                    num_cached_tokens=req.num_cached_tokens,
+                    held_block_ids=tuple(self.scheduler.held.get(req.request_id, ())),
+                )
+            )
+        return outputs

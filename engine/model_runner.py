@@ -1,0 +1,143 @@
+"""ModelRunner: StepPlan -> input tensors -> forward -> sample -> StepResult.
+
+Owns the model, the KV pool tensor and the sampler; never reads scheduler state.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from engine.attention import AttentionMetadata, PrefillSpan
+from engine.config import EngineConfig
+from engine.kv_cache import TORCH_DTYPES, KVCache
+from engine.kv_layout import KVLayout
+from engine.loader import init_dummy, load_safetensors
+from engine.models.llama import CausalLM
+from engine.plan import StepPlan, StepResult
+from engine.sampler import Sampler
+
+
+def kv_layout_for(config: EngineConfig) -> KVLayout:
+    m = config.model
+    return KVLayout(
+        model=f"{m.architecture}/L{m.num_layers}/H{m.hidden_size}/V{m.vocab_size}",
+        dtype=config.dtype,
+        num_blocks=config.num_blocks,
+        block_size=config.block_size,
+        num_layers=m.num_layers,
+        num_kv_heads=m.num_kv_heads,
+        head_dim=m.head_dim,
+    )
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        dtype = TORCH_DTYPES[config.dtype]
+        with torch.device(self.device):
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                self.model = CausalLM(config.model, config.max_model_len)
+            finally:
+                torch.set_default_dtype(previous)
+        self.model.eval().requires_grad_(False)
+        if config.load_format == "dummy":
+            init_dummy(self.model, config.seed)
+        else:
+            load_safetensors(self.model, config.model_dir)
+        self.kv_cache = KVCache(kv_layout_for(config), self.device)
+        self.sampler = Sampler(config.model.vocab_size, self.device, config.seed)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        input_ids, positions, meta, sample_idx = self._prepare(plan)
+        hidden = self.model(input_ids, positions, meta, self.kv_cache)  # [N, hidden]
+        sampling_rows = [r for r in plan.rows if r.sample]
+        if not sampling_rows:
+            return StepResult({}, {})
+        logits = self.model.compute_logits(hidden[sample_idx])  # [R, vocab]
+        token_ids, logprobs = self.sampler(logits, sampling_rows)
+        return StepResult(
+            {r.request_id: t for r, t in zip(sampling_rows, token_ids, strict=True)},
+            {r.request_id: lp for r, lp in zip(sampling_rows, logprobs, strict=True) if lp},
+        )
+
+    def _prepare(
+        self, plan: StepPlan
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        bs = self.config.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_blocks: list[int] = []
+        sample_idx: list[int] = []
+        decode_idx: list[int] = []
+        decode_tables: list[tuple[int, ...]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSpan] = []
+        for row in plan.rows:
+            start, n = len(input_ids), row.num_new_tokens
+            first = row.num_computed_tokens
+            input_ids.extend(row.token_ids)
+            pos = range(first, first + n)
+            positions.extend(pos)
+            table = row.block_table
+            slot_blocks.extend(table[p // bs] for p in pos)
+            if row.sample:
+                sample_idx.append(start + n - 1)
+            if n == 1:
+                decode_idx.append(start)
+                decode_tables.append(table)
+                decode_lens.append(first + 1)
+            else:
+                prefills.append(self._prefill_span(start, row.num_computed_tokens, n, table))
+        dev = self.device
+        pos_t = torch.tensor(positions, dtype=torch.long)
+        meta = AttentionMetadata(
+            slot_blocks=torch.tensor(slot_blocks, dtype=torch.long).to(dev),
+            slot_offsets=(pos_t % bs).to(dev),
+            decode_token_idx=torch.tensor(decode_idx).to(dev) if decode_idx else None,
+            decode_block_tables=_pad_tables(decode_tables, dev) if decode_idx else None,
+            decode_mask=_decode_mask(decode_lens, decode_tables, bs, dev) if decode_idx else None,
+            prefills=tuple(prefills),
+        )
+        return (
+            torch.tensor(input_ids, dtype=torch.long).to(dev),
+            pos_t.to(dev),
+            meta,
+            torch.tensor(sample_idx, dtype=torch.long).to(dev),
+        )
+
+    def _prefill_span(
+        self, start: int, num_computed: int, n: int, table: tuple[int, ...]
+    ) -> PrefillSpan:
+        if num_computed == 0:
+            return PrefillSpan(start, start + n, 0, torch.empty(0, dtype=torch.long), None)
+        context = num_computed + n
+        num_blocks = -(-context // self.config.block_size)
+        q_pos = torch.arange(num_computed, context).unsqueeze(1)  # [n, 1]
+        k_pos = torch.arange(context).unsqueeze(0)  # [1, context]
+        mask = (k_pos <= q_pos).view(1, 1, n, context)
+        return PrefillSpan(
+            start,
+            start + n,
+            num_computed,
+            torch.tensor(table[:num_blocks], dtype=torch.long).to(self.device),
+            mask.to(self.device),
+        )
+
+
+def _pad_tables(tables: list[tuple[int, ...]], device: torch.device) -> torch.Tensor:
+    width = max(len(t) for t in tables)
+    padded = [list(t) + [0] * (width - len(t)) for t in tables]  # pad slots are masked out
+    return torch.tensor(padded, dtype=torch.long).to(device)
+
+
+def _decode_mask(
+    lens: list[int], tables: list[tuple[int, ...]], bs: int, device: torch.device
+) -> torch.Tensor:
+    width = max(len(t) for t in tables) * bs
+    k_pos = torch.arange(width).unsqueeze(0)  # [1, T]
+    mask = k_pos < torch.tensor(lens).unsqueeze(1)  # [Bd, T]
+    return mask.view(len(lens), 1, 1, width).to(device)

@@ -1,0 +1,238 @@
+"""Scheduler: token-budget continuous batching with chunked prefill, prefix caching and
+preemption by recompute. Decides; never touches tensors.
+
+There is no prefill or decode phase: every running request has `num_tokens` and
+`num_computed_tokens`, and a step gives each some of the token budget to close the gap
+(1 token for a decoding request, a chunk for a prefilling one), as vLLM v1 does.
+
+Role hooks (the engine is role-neutral; the workers pick):
+  - prefill role: a request added with hold_kv_on_finish keeps its blocks after it finishes,
+    until `release_held` (the KV hand-off is done);
+  - decode role: `reserve` blocks for a request whose KV is computed elsewhere, then
+    `admit_prefilled` it straight into the running set.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.plan import ScheduledRow, StepPlan, StepResult
+from engine.request import FinishReason, Request, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_size = config.block_size
+        self.bm = block_manager
+        self.waiting: deque[Request] = deque()  # hold no blocks
+        self.running: list[Request] = []  # hold blocks; admission order (last = first victim)
+        self.requests: dict[str, Request] = {}  # every unfinished request, by id
+        self.reserved: dict[str, list[int]] = {}  # decode role: blocks awaiting remote KV
+        self.held: dict[str, list[int]] = {}  # prefill role: finished, blocks pinned
+        self.num_preemptions = 0
+
+    # ---- intake -------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def reserve(self, request_id: str, num_tokens: int) -> list[int]:
+        """Allocate blocks for `num_tokens` of KV that another process will write.
+
+        Raises OutOfBlocks. The caller owns the reservation until admit_prefilled or
+        cancel_reservation.
+        """
+        if request_id in self.reserved or request_id in self.requests:
+            raise ValueError(f"request {request_id!r} already exists")
+        blocks = self.bm.allocate(self._blocks_for(num_tokens))
+        self.reserved[request_id] = blocks
+        return blocks
+
+    def cancel_reservation(self, request_id: str) -> None:
+        self.bm.free(self.reserved.pop(request_id))
+
+    def admit_prefilled(self, req: Request) -> None:
+        """Admit a request whose prompt KV already sits in its reserved blocks.
+
+        req.token_ids is prompt + the first token sampled by the prefill side.
+        """
+        blocks = self.reserved.pop(req.request_id)
+        if len(blocks) < self._blocks_for(req.num_prompt_tokens):
+            self.reserved[req.request_id] = blocks
+            raise ValueError(f"{req.request_id}: reservation too small for the prompt")
+        req.block_table = blocks
+        req.num_computed_tokens = req.num_prompt_tokens
+        req.status = RequestStatus.RUNNING
+        self._commit_full_blocks(req)
+        self.requests[req.request_id] = req
+        self.running.append(req)
+
+    # ---- the decision ---------------------------------------------------------------------
+    def schedule(self) -> StepPlan:
+        budget = self.config.max_num_batched_tokens
+        rows: list[ScheduledRow] = []
+        preempted: list[str] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            need = self._blocks_for(req.num_computed_tokens + n) - len(req.block_table)
+            while need > 0 and not self.bm.can_allocate(need):
+                victim = self.running.pop()  # the latest admitted goes first
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break
+            if need > 0:
+                req.block_table.extend(self.bm.allocate(need))
+            rows.append(self._row(req, n))
+            budget -= n
+            i += 1
+        while self.waiting and budget > 0 and not preempted:
+            if len(self.running) >= self.config.max_num_seqs:
+                break
+            req = self.waiting[0]
+            chunk = self._admit(req, budget)
+            if chunk is None:
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            rows.append(self._row(req, chunk))
+            budget -= chunk
+        rows.sort(key=lambda r: r.num_new_tokens != 1)  # decode rows first, stable otherwise
+        return StepPlan(tuple(rows), tuple(preempted))
+
+    def _admit(self, req: Request, budget: int) -> int | None:
+        """Give a waiting request its prefix-cache hits and blocks for its first chunk.
+
+        Returns the chunk length, or None (nothing changed) when the blocks are not there.
+        """
+        hits: list[int] = []
+        if self.config.enable_prefix_caching:
+            req.update_block_hashes(self.block_size)
+            # the last token is always computed: its logits give the next token
+            usable = (req.num_tokens - 1) // self.block_size
+            hits = self.bm.match_prefix(req.block_hashes[:usable])
+        num_cached = len(hits) * self.block_size
+        n = min(req.num_tokens - num_cached, budget)
+        need = self._blocks_for(num_cached + n) - len(hits)
+        if not self.bm.can_allocate(need, hits):
+            return None
+        self.bm.acquire(hits)
+        req.block_table = hits + self.bm.allocate(need)
+        req.num_computed_tokens = num_cached
+        req.num_committed_blocks = len(hits)
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = num_cached
+        req.status = RequestStatus.RUNNING
+        return n
+
+    def _preempt(self, req: Request) -> None:
+        """Recompute later: drop the blocks (their committed prefix stays cached) and requeue."""
+        self.bm.free(req.block_table)
+        req.block_table = []
+        req.num_computed_tokens = 0
+        req.num_committed_blocks = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def _row(self, req: Request, n: int) -> ScheduledRow:
+        start = req.num_computed_tokens
+        sample = start + n == req.num_tokens
+        sp = req.params
+        penalty = None
+        if sample and sp.needs_penalties:
+            penalty = (req.prompt_token_ids, tuple(req.output_token_ids))
+        banned: tuple[int, ...] = ()
+        if sample and req.num_output_tokens < sp.min_tokens:
+            banned = tuple(sorted(req.stop_token_ids))
+        return ScheduledRow(
+            request_id=req.request_id,
+            token_ids=tuple(req.token_ids[start : start + n]),
+            num_computed_tokens=start,
+            block_table=tuple(req.block_table),
+            sample=sample,
+            sampling=sp,
+            num_output_tokens=req.num_output_tokens,
+            penalty_context=penalty,
+            banned_token_ids=banned,
+        )
+
+    # ---- after the forward pass -----------------------------------------------------------
+    def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
+        """Advance computed counts, commit full blocks, append sampled tokens, finish on
+        EOS/stop id/length. Returns the requests that got a token (finished ones included)."""
+        touched: list[Request] = []
+        for row in plan.rows:
+            req = self.requests[row.request_id]
+            req.num_computed_tokens += row.num_new_tokens
+            self._commit_full_blocks(req)
+            if not row.sample:
+                continue
+            token = result.sampled_token_ids[row.request_id]
+            req.token_ids.append(token)
+            touched.append(req)
+            if token in req.stop_token_ids:  # never sampled before min_tokens (banned)
+                self.finish(req, FinishReason.STOP, stop_reason=token)
+            elif (
+                req.num_output_tokens >= req.max_tokens
+                or req.num_tokens >= self.config.max_model_len
+            ):
+                self.finish(req, FinishReason.LENGTH)
+        return touched
+
+    def _commit_full_blocks(self, req: Request) -> None:
+        if not self.config.enable_prefix_caching:
+            return
+        num_full = req.num_computed_tokens // self.block_size
+        if num_full <= req.num_committed_blocks:
+            return
+        req.update_block_hashes(self.block_size)
+        for j in range(req.num_committed_blocks, num_full):
+            self.bm.commit(req.block_table[j], req.block_hashes[j])
+        req.num_committed_blocks = num_full
+
+    # ---- endings ----------------------------------------------------------------------------
+    def finish(
+        self, req: Request, reason: FinishReason, stop_reason: str | int | None = None
+    ) -> None:
+        """The one free path for a request's blocks (or the hand-over to `held`)."""
+        if req.status is RequestStatus.FINISHED:
+            return
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.stop_reason = stop_reason
+        del self.requests[req.request_id]
+        if req.hold_kv_on_finish and reason is not FinishReason.ABORT and req.block_table:
+            self.held[req.request_id] = req.block_table
+        elif req.block_table:
+            self.bm.free(req.block_table)
+        req.block_table = []
+
+    def release_held(self, request_id: str) -> None:
+        self.bm.free(self.held.pop(request_id))
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- accounting -------------------------------------------------------------------------
+    def block_holders(self) -> dict[str, list[int]]:
+        holders = {r.request_id: r.block_table for r in self.running}
+        holders.update({f"reserved:{k}": v for k, v in self.reserved.items()})
+        holders.update({f"held:{k}": v for k, v in self.held.items()})
+        return holders
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
