@@ -1,0 +1,87 @@
+"""The two role hooks: a prefill engine holds a finished request's blocks for the hand-off;
+a decode engine reserves blocks, receives the KV bytes and continues the request."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.block_manager import OutOfBlocks
+from engine.request import FinishReason
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dirs: dict[str, Path]) -> Path:
+    return tiny_model_dirs["qwen3"]
+
+
+def _drain(llm: LLM) -> list:
+    outs = []
+    while llm.engine.has_unfinished():
+        outs.extend(llm.engine.step())
+    return outs
+
+
+@pytest.mark.parametrize("prompt_len", [1, 16, 37])
+def test_prefill_then_decode_equals_single_engine(model_dir: Path, prompt_len: int) -> None:
+    prompt = [random.Random(prompt_len).randrange(3, 500) for _ in range(prompt_len)]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    (single,) = LLM(str(model_dir), tokenizer=False, num_blocks=64).generate([prompt], params)
+
+    prefill = LLM(str(model_dir), tokenizer=False, num_blocks=64)
+    decode = LLM(str(model_dir), tokenizer=False, num_blocks=64)
+    first_params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    prefill.engine.add_request("r", prompt, first_params, hold_kv_on_finish=True)
+    (out,) = _drain(prefill)
+    assert out.finished and out.finish_reason is FinishReason.LENGTH
+    held = list(out.held_block_ids)
+    assert len(held) == -(-prompt_len // 16)
+    assert prefill.engine.block_manager.num_used_blocks == len(held)
+    prefill.engine.check_integrity()
+
+    # decode side: reserve, receive the bytes (here: a plain copy), admit
+    decode.engine.reserve_kv("r", prompt_len)
+    decode.engine.check_integrity()
+    dst = decode.engine.scheduler.reserved["r"]
+    decode.engine.runner.kv_cache.write_blocks(
+        dst, prefill.engine.runner.kv_cache.read_blocks(held)
+    )
+    prefill.engine.release_kv("r")
+    assert prefill.engine.block_manager.num_used_blocks == 0
+    prefill.engine.check_integrity()
+
+    first = decode.engine.admit_prefilled("r", prompt, out.new_token_ids[0], params)
+    tokens = [t for o in first + _drain(decode) for t in o.new_token_ids]
+    assert tokens == single.outputs[0].token_ids
+    decode.engine.check_integrity()
+    assert decode.engine.block_manager.num_used_blocks == 0
+
+
+def test_reservation_cancel_and_exhaustion(model_dir: Path) -> None:
+    llm = LLM(str(model_dir), tokenizer=False, num_blocks=8, max_model_len=64)
+    blocks = llm.engine.reserve_kv("a", 100)  # 7 blocks of 16
+    assert len(blocks) == 7
+    with pytest.raises(OutOfBlocks):
+        llm.engine.reserve_kv("b", 40)
+    llm.engine.check_integrity()
+    llm.engine.cancel_kv_reservation("a")
+    assert llm.engine.block_manager.num_free_blocks == 8
+    llm.engine.check_integrity()
+
+
+def test_abort_frees_blocks_mid_generation(model_dir: Path) -> None:
+    llm = LLM(str(model_dir), tokenizer=False, num_blocks=64)
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    for i in range(3):
+        llm.engine.add_request(f"r{i}", list(range(3, 40)), params)
+    llm.engine.step()
+    llm.engine.step()
+    assert llm.engine.block_manager.num_used_blocks > 0
+    for i in range(3):
+        llm.engine.abort(f"r{i}")
+    assert not llm.engine.has_unfinished()
+    assert llm.engine.block_manager.num_used_blocks == 0
+    llm.engine.check_integrity()
