@@ -31,16 +31,20 @@ class AttentionMetadata:
 
     slot_blocks: torch.Tensor  # [N] long: block id of each new token
     slot_offsets: torch.Tensor  # [N] long: offset inside that block
-    decode_token_idx: torch.Tensor | None  # [Bd] long: tokens of the decode rows
+    num_decodes: int  # decode rows (1 new token each) are the first num_decodes tokens
     decode_block_tables: torch.Tensor | None  # [Bd, max_blocks] long (padded)
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_blocks * block_size] bool
     prefills: tuple[PrefillSpan, ...]
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """cache [NB, bs, H, D], block_table [..., nb] -> [..., H, nb * bs, D] (a copy)."""
-    g = cache[block_table]  # [..., nb, bs, H, D]
-    g = g.flatten(-4, -3)  # [..., nb * bs, H, D]
+    """cache [NB, bs, H, D], block_table [..., nb] -> [..., H, nb * bs, D] (a copy).
+
+    index_select on dim 0 copies whole blocks (bs*H*D contiguous elements each); advanced
+    indexing (`cache[table]`) walks element by element and is several times slower on CPU.
+    """
+    g = cache.index_select(0, block_table.flatten())  # [prod(...) * nb, bs, H, D]
+    g = g.view(*block_table.shape[:-1], -1, *cache.shape[-2:])  # [..., nb * bs, H, D]
     return g.transpose(-3, -2)
 
 
@@ -59,13 +63,13 @@ def paged_attention(
     k_cache[meta.slot_blocks, meta.slot_offsets] = k
     v_cache[meta.slot_blocks, meta.slot_offsets] = v
     out = torch.empty_like(q)
-    if meta.decode_token_idx is not None:
+    if meta.num_decodes:
         assert meta.decode_block_tables is not None and meta.decode_mask is not None
-        qd = q[meta.decode_token_idx].unsqueeze(2)  # [Bd, Hq, 1, D]
+        qd = q[: meta.num_decodes].unsqueeze(2)  # [Bd, Hq, 1, D]
         kd = _gather(k_cache, meta.decode_block_tables)  # [Bd, Hk, T, D]
         vd = _gather(v_cache, meta.decode_block_tables)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=True)
-        out[meta.decode_token_idx] = od.squeeze(2)
+        out[: meta.num_decodes] = od.squeeze(2)
     for span in meta.prefills:
         qp = q[span.start : span.end].transpose(0, 1)  # [Hq, L, D]
         if span.mask is None:

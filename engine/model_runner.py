@@ -87,6 +87,8 @@ class ModelRunner:
             if row.sample:
                 sample_idx.append(start + n - 1)
             if n == 1:
+                if prefills:
+                    raise ValueError("StepPlan rows must list decode rows before prefill rows")
                 decode_idx.append(start)
                 decode_tables.append(table)
                 decode_lens.append(first + 1)
@@ -97,7 +99,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_blocks=torch.tensor(slot_blocks, dtype=torch.long).to(dev),
             slot_offsets=(pos_t % bs).to(dev),
-            decode_token_idx=torch.tensor(decode_idx).to(dev) if decode_idx else None,
+            num_decodes=len(decode_idx),
             decode_block_tables=_pad_tables(decode_tables, dev) if decode_idx else None,
             decode_mask=_decode_mask(decode_lens, decode_tables, bs, dev) if decode_idx else None,
             prefills=tuple(prefills),
