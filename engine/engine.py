@@ -22,7 +22,7 @@ class Engine:
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(config)
+        self.runner = ModelRunner(config, tokenizer.vocab_size if tokenizer is not None else None)
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, config.enable_prefix_caching
         )

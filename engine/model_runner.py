@@ -31,7 +31,8 @@ def kv_layout_for(config: EngineConfig) -> KVLayout:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, num_valid_tokens: int | None = None) -> None:
+        """num_valid_tokens: the tokenizer's vocabulary size when it is smaller than the model's."""
         self.config = config
         self.device = torch.device(config.device)
         dtype = TORCH_DTYPES[config.dtype]
@@ -48,7 +49,7 @@ class ModelRunner:
         else:
             load_safetensors(self.model, config.model_dir)
         self.kv_cache = KVCache(kv_layout_for(config), self.device)
-        self.sampler = Sampler(config.model.vocab_size, self.device, config.seed)
+        self.sampler = Sampler(config.model.vocab_size, self.device, config.seed, num_valid_tokens)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:

@@ -25,8 +25,13 @@ def _row_seed(seed: int, position: int) -> int:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device: torch.device, seed: int) -> None:
+    def __init__(
+        self, vocab_size: int, device: torch.device, seed: int, num_valid_tokens: int | None = None
+    ) -> None:
+        """num_valid_tokens: ids >= this are never sampled (a model's embedding table is often
+        padded beyond the tokenizer's vocabulary; those ids cannot be detokenized)."""
         self.vocab_size = vocab_size
+        self.num_valid_tokens = num_valid_tokens
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -65,6 +70,8 @@ class Sampler:
         return token_ids, logprobs
 
     def _process(self, logits: torch.Tensor, rows: Sequence[ScheduledRow]) -> torch.Tensor:
+        if self.num_valid_tokens is not None and self.num_valid_tokens < logits.shape[1]:
+            logits[:, self.num_valid_tokens :] = float("-inf")
         for i, r in enumerate(rows):
             sp = r.sampling
             if sp.logit_bias:
