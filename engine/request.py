@@ -5,8 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from engine.block_hash import hash_block_tokens
 from engine.sampling_params import SamplingParams
+from runtime.block_hash import hash_block_tokens
 
 
 class RequestStatus(enum.Enum):

@@ -13,9 +13,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from engine import block_hash
-from engine.block_hash import hash_block_tokens, hash_request_blocks
 from engine.block_manager import BlockAccountingError, BlockManager, OutOfBlocks
+from runtime import block_hash
+from runtime.block_hash import hash_block_tokens, hash_request_blocks
 
 
 def num_runs(block_ids: list[int]) -> int:

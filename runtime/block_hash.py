@@ -4,8 +4,8 @@ Stdlib-only on purpose: a router that routes by prefix-cache overlap must comput
 hashes without torch or the engine. Never use Python's hash() here: it is salted per process
 (PYTHONHASHSEED), so two workers would disagree.
 
-Format. Changing it silently turns every prefix-cache lookup across versions into a miss, so the
-router's copy must change in the same commit (tests pin a golden value):
+Format. Changing it silently turns every prefix-cache lookup across versions into a miss; the
+router and the engine both import this module, and tests pin a golden value:
 
     blake2b(digest_size=8) over
         b"\\x00"                        if parent_hash is None
