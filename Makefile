@@ -29,7 +29,7 @@ SERVE_ARGS ?=
 
 VENV_STAMP := $(VENV)/.tandem-venv.stamp
 
-.PHONY: help venv model lint test serve clean
+.PHONY: help venv model proto lint test serve clean
 
 help: ## List the targets
 	@echo "Tandem make targets:"
@@ -50,6 +50,12 @@ $(VENV_STAMP): pyproject.toml
 
 model: $(VENV_STAMP) ## Convert the default model (SmolLM2-135M-Instruct) into the model cache, once
 	HF_HUB_OFFLINE=1 $(BIN)/python -c "from engine.default_model import ensure_default_model, default_cache_dir; print(ensure_default_model(default_cache_dir()))"
+
+# Regenerate the gRPC stubs (committed; tests/test_proto.py fails when they drift from the .proto).
+PROTOC := PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m grpc_tools.protoc -I . \
+	--python_out=. --grpc_python_out=. --mypy_out=.
+proto: $(VENV_STAMP) ## Regenerate proto/*_pb2*.py(i) from proto/*.proto
+	$(PROTOC) proto/*.proto
 
 lint: $(VENV_STAMP) ## ruff check, ruff format --check, mypy, import-linter contracts
 	$(BIN)/ruff check .
