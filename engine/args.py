@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,3 +62,36 @@ class EngineArgs:
             enable_prefix_caching=self.enable_prefix_caching,
             seed=self.seed,
         )
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """The EngineArgs flags, shared by every entry point that builds an engine."""
+    p.add_argument("--model", help="local Hugging Face model dir (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-gib", type=float, default=2.0)
+    p.add_argument("--num-blocks", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="dummy weights and unseeded sampling")
+
+
+def engine_args_from(ns: argparse.Namespace, model_dir: str) -> EngineArgs:
+    return EngineArgs(
+        model=model_dir,
+        dtype=ns.dtype,
+        device=ns.device,
+        load_format=ns.load_format,
+        block_size=ns.block_size,
+        kv_cache_gib=ns.kv_cache_gib,
+        num_blocks=ns.num_blocks,
+        max_model_len=ns.max_model_len,
+        max_num_batched_tokens=ns.max_num_batched_tokens,
+        max_num_seqs=ns.max_num_seqs,
+        enable_prefix_caching=not ns.no_prefix_caching,
+        seed=ns.seed,
+    )

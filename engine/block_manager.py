@@ -51,6 +51,9 @@ class BlockManager:
         # network descriptor when its KV is shipped to another process. range(n) is a heap.
         self._free_ids = list(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # least recently freed first
+        # Prefix-cache changes since the last drain_events(), for prefix-aware routers:
+        # hash -> True (now stored) / False (now removed); the last change wins.
+        self._hash_events: dict[int, bool] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -155,6 +158,7 @@ class BlockManager:
             return
         self._hash_to_block[block_hash] = block_id
         self._block_hashes[block_id] = block_hash
+        self._hash_events[block_hash] = True
 
     def free(self, block_ids: Sequence[int]) -> None:
         """Drop one reference per entry of block_ids: a request's whole table, in table order.
@@ -191,6 +195,20 @@ class BlockManager:
             heapq.heappush(self._free_ids, block_id)
         self._evictable.clear()
         return num_dropped
+
+    def cached_hashes(self) -> list[int]:
+        """Every block hash in the prefix cache now (used and evictable blocks)."""
+        return list(self._hash_to_block)
+
+    def drain_events(self) -> tuple[list[int], list[int]]:
+        """Net (stored, removed) block hashes since the last call; clears them.
+
+        Net: a hash stored then evicted in between is only in `removed`, and the reverse only in
+        `stored`, so applying either list in any order gives the cache's current state.
+        """
+        events, self._hash_events = self._hash_events, {}
+        stored = [h for h, present in events.items() if present]
+        return stored, [h for h, present in events.items() if not present]
 
     def check_integrity(self, holders: Mapping[str, Sequence[int]] | None = None) -> None:
         """Raise BlockAccountingError listing every broken invariant. Pure; O(num_blocks).
@@ -260,3 +278,4 @@ class BlockManager:
         if block_hash is not None:
             del self._hash_to_block[block_hash]
             self._block_hashes[block_id] = None
+            self._hash_events[block_hash] = False

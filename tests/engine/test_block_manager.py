@@ -583,3 +583,20 @@ BlockManagerNoCachingMachine.TestCase.settings = settings(
 )
 TestBlockManagerMachine = BlockManagerMachine.TestCase
 TestBlockManagerNoCachingMachine = BlockManagerNoCachingMachine.TestCase
+
+
+def test_drain_events_reports_net_prefix_cache_changes() -> None:
+    bm = BlockManager(num_blocks=2, block_size=4)
+    (a,) = bm.allocate(1)
+    bm.commit(a, 111)
+    assert bm.drain_events() == ([111], [])
+    assert bm.drain_events() == ([], [])
+    bm.free([a])
+    bm.allocate(2)  # evicts block a, dropping hash 111
+    assert bm.drain_events() == ([], [111])
+    bm.free([0, 1])
+    (b,) = bm.allocate(1)
+    bm.commit(b, 222)
+    bm.free([b])
+    bm.allocate(2)  # 222 stored and evicted within one window: net removed
+    assert bm.drain_events() == ([], [222])

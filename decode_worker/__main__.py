@@ -1,0 +1,55 @@
+"""`python -m decode_worker`: a decode worker (gRPC DecodeWorker service around the engine)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from decode_worker.servicer import DecodeServicer
+from engine.args import add_engine_args, engine_args_from
+from engine.async_engine import AsyncEngine
+from engine.engine import Engine
+from proto import tandem_pb2_grpc as pb_grpc
+from runtime import worker_rpc
+from runtime.grpc_server import new_server, serve_until_signalled
+from runtime.tokenizer import Tokenizer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="decode_worker", description=__doc__)
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0: any free port (printed on READY)")
+    p.add_argument("--worker-id", default="decode-0")
+    return p.parse_args(argv)
+
+
+async def amain(ns: argparse.Namespace) -> None:
+    if ns.model is None:
+        raise SystemExit("decode_worker: --model is required")
+    config = engine_args_from(ns, ns.model).resolve()
+    tokenizer = Tokenizer.from_dir(config.model_dir)
+    engine = AsyncEngine(Engine(config, tokenizer), asyncio.get_running_loop())
+    identity = worker_rpc.WorkerIdentity(
+        worker_id=ns.worker_id,
+        role="decode",
+        model=str(config.model_dir),
+        block_size=config.block_size,
+        max_num_seqs=config.max_num_seqs,
+        max_model_len=config.max_model_len,
+    )
+    server = new_server()
+    pb_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(identity, engine), server)
+
+    async def stop() -> None:
+        engine.shutdown()
+
+    await serve_until_signalled(server, ns.host, ns.port, ns.worker_id, on_stop=stop)
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(amain(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

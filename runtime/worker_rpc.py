@@ -1,0 +1,84 @@
+"""The RPCs both worker roles serve the same way (Health, Load, KVEvents), torch-free.
+
+The engine side is seen through small Protocols so this module needs neither torch nor the
+engine package: a worker passes its AsyncEngine, which satisfies them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from proto import tandem_pb2 as pb
+
+
+class LoadSnapshot(Protocol):
+    num_running: int
+    num_waiting: int
+    num_reserved: int
+    num_blocks_total: int
+    num_blocks_free: int
+
+
+class CacheEvent(Protocol):
+    stored: tuple[int, ...]
+    removed: tuple[int, ...]
+
+
+class EngineView(Protocol):
+    @property
+    def load(self) -> LoadSnapshot: ...
+    @property
+    def error(self) -> BaseException | None: ...
+    def subscribe_kv_events(self) -> asyncio.Queue[CacheEvent]: ...
+    def unsubscribe_kv_events(self, sub: asyncio.Queue[CacheEvent]) -> None: ...
+    async def cached_block_hashes(self) -> list[int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerIdentity:
+    worker_id: str
+    role: str  # "prefill" | "decode"
+    model: str
+    block_size: int
+    max_num_seqs: int
+    max_model_len: int
+
+
+def health(identity: WorkerIdentity, engine: EngineView) -> pb.HealthResponse:
+    return pb.HealthResponse(
+        worker_id=identity.worker_id,
+        role=identity.role,
+        model=identity.model,
+        ready=engine.error is None,
+    )
+
+
+def load(identity: WorkerIdentity, engine: EngineView) -> pb.WorkerLoad:
+    snap = engine.load
+    return pb.WorkerLoad(
+        worker_id=identity.worker_id,
+        role=identity.role,
+        num_running=snap.num_running,
+        num_waiting=snap.num_waiting,
+        num_blocks_total=snap.num_blocks_total,
+        num_blocks_free=snap.num_blocks_free,
+        block_size=identity.block_size,
+        max_num_seqs=identity.max_num_seqs,
+        max_model_len=identity.max_model_len,
+    )
+
+
+async def kv_events(engine: EngineView) -> AsyncIterator[pb.KVEvent]:
+    """First message: the whole prefix cache (cleared=True, then stored); then the changes."""
+    sub = engine.subscribe_kv_events()
+    try:
+        snapshot = await engine.cached_block_hashes()
+        yield pb.KVEvent(cleared=True, stored_block_hashes=snapshot)
+        while True:
+            event = await sub.get()
+            yield pb.KVEvent(stored_block_hashes=event.stored, removed_block_hashes=event.removed)
+    finally:
+        engine.unsubscribe_kv_events(sub)
