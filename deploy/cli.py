@@ -5,20 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from engine.args import add_engine_args
+
 SERVING_NOTE = "serving commands (serve, scale, profile, plan) land with their issues"
-
-
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="local Hugging Face model dir (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-gib", type=float, default=2.0)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--no-prefix-caching", action="store_true")
 
 
 def _model_dir(arg: str | None) -> str:
@@ -31,19 +20,9 @@ def _model_dir(arg: str | None) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from engine import LLM, SamplingParams
+    from engine.args import engine_args_from
 
-    llm = LLM(
-        _model_dir(args.model),
-        dtype=args.dtype,
-        device=args.device,
-        load_format=args.load_format,
-        block_size=args.block_size,
-        kv_cache_gib=args.kv_cache_gib,
-        max_model_len=args.max_model_len,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-        enable_prefix_caching=not args.no_prefix_caching,
-    )
+    llm = LLM.from_args(engine_args_from(args, _model_dir(args.model)))
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -77,14 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description=f"Tandem ({SERVING_NOTE}).")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="offline generation on this machine")
-    _add_engine_args(gen)
+    add_engine_args(gen)
     gen.add_argument("--prompt", help="prompt text; without it, read one prompt per stdin line")
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible)")
     gen.set_defaults(func=cmd_generate)
     return parser
 

@@ -77,7 +77,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--seed", type=int, default=0, help="dummy weights and unseeded sampling")
+    p.add_argument("--engine-seed", type=int, default=0, help="dummy weights and unseeded sampling")
 
 
 def engine_args_from(ns: argparse.Namespace, model_dir: str) -> EngineArgs:
@@ -93,5 +93,5 @@ def engine_args_from(ns: argparse.Namespace, model_dir: str) -> EngineArgs:
         max_num_batched_tokens=ns.max_num_batched_tokens,
         max_num_seqs=ns.max_num_seqs,
         enable_prefix_caching=not ns.no_prefix_caching,
-        seed=ns.seed,
+        seed=ns.engine_seed,
     )

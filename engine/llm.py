@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine.args import EngineArgs
+from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.outputs import CompletionOutput, GenerationResult
 from engine.sampling_params import SamplingParams
@@ -20,7 +21,15 @@ class LLM:
     def __init__(self, model: str, *, tokenizer: bool = True, **engine_args: Any) -> None:
         """model: a local Hugging Face model directory. engine_args: EngineArgs fields.
         tokenizer=False runs on token ids only (no text, no stop strings)."""
-        config = EngineArgs(model=str(model), **engine_args).resolve()
+        self._init(EngineArgs(model=str(model), **engine_args).resolve(), tokenizer)
+
+    @classmethod
+    def from_args(cls, args: EngineArgs, tokenizer: bool = True) -> LLM:
+        llm = cls.__new__(cls)
+        llm._init(args.resolve(), tokenizer)
+        return llm
+
+    def _init(self, config: EngineConfig, tokenizer: bool) -> None:
         self.tokenizer = Tokenizer.from_dir(config.model_dir) if tokenizer else None
         self.engine = Engine(config, self.tokenizer)
         self._ids = itertools.count()
