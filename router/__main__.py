@@ -1,0 +1,113 @@
+"""`python -m router --model DIR --decode ID=host:port[,..] [--prefill ...] [--mode auto]`.
+
+Config is built here, once, into a frozen RouterConfig; uvicorn runs the app on 127.0.0.1 unless
+told otherwise. Prints `READY router host:port` once it is listening (--port 0: any free port).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from router.config import Mode, PolicyConfig, Role, RouterConfig, parse_workers
+from router.server import build_app
+from runtime.tokenizer import Tokenizer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m router", description=__doc__)
+    p.add_argument("--model", required=True, help="local Hugging Face model dir (tokenizer)")
+    p.add_argument("--served-model-name", help="the `model` clients name (default: dir name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (printed on READY)")
+    p.add_argument("--decode", required=True, help="decode workers: ID=host:port[,ID=host:port]")
+    p.add_argument("--prefill", default="", help="prefill workers: ID=host:port[,...]")
+    p.add_argument("--mode", default="auto", choices=[m.value for m in Mode])
+    p.add_argument(
+        "--max-model-len", type=int, default=None,
+        help="validate prompts against this before the workers report theirs",
+    )  # fmt: skip
+    p.add_argument(
+        "--local-prefill-max-tokens", type=int, default=256,
+        help="auto mode: prefill on the decode worker up to this many uncached tokens",
+    )  # fmt: skip
+    p.add_argument(
+        "--prefill-saturated-tokens", type=int, default=16384,
+        help="auto mode: a prefill worker with this many queued prompt tokens is saturated",
+    )  # fmt: skip
+    p.add_argument(
+        "--prefill-weight", type=float, default=1.0,
+        help="cost weight of a block to prefill against a block of KV held",
+    )  # fmt: skip
+    p.add_argument("--request-timeout-s", type=float, default=600.0)
+    p.add_argument("--load-interval-s", type=float, default=0.2)
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    model_dir = Path(args.model)
+    return RouterConfig(
+        model_dir=model_dir,
+        served_model_name=args.served_model_name or model_dir.resolve().name,
+        decode_workers=parse_workers(args.decode, Role.DECODE),
+        prefill_workers=parse_workers(args.prefill, Role.PREFILL),
+        mode=Mode(args.mode),
+        host=args.host,
+        port=args.port,
+        policy=PolicyConfig(
+            prefill_weight=args.prefill_weight,
+            local_prefill_max_tokens=args.local_prefill_max_tokens,
+            prefill_saturated_tokens=args.prefill_saturated_tokens,
+        ),
+        max_model_len=args.max_model_len,
+        request_timeout_s=args.request_timeout_s,
+        load_interval_s=args.load_interval_s,
+    )
+
+
+async def serve(config: RouterConfig, log_level: str) -> None:
+    app = build_app(config, Tokenizer.from_dir(config.model_dir))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=log_level,
+            access_log=False,  # one INFO line per request costs more than the routing
+            timeout_keep_alive=30,
+        )
+    )
+    serving = asyncio.create_task(server.serve())  # installs SIGINT/SIGTERM handlers
+    while not server.started:
+        if serving.done():  # could not bind, or the lifespan failed
+            await serving
+            raise SystemExit(f"router did not start on {config.host}:{config.port}")
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]  # the bound one when --port 0
+    # launchers (deploy/local_cluster.py) read `READY <name> <host:port>`
+    print(f"READY router {config.host}:{port}", flush=True)
+    await serving
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"router: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(config, args.log_level))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

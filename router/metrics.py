@@ -1,0 +1,137 @@
+"""Every metric the router exports (`/metrics`, Prometheus text), prefix `tandem_router_`.
+
+Latencies are histograms in seconds; counters end in `_total`; nothing is averaged here.
+Each RouterMetrics owns its CollectorRegistry, so several apps (tests) never collide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from router.registry import WorkerRegistry
+
+_OVERHEAD_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.0075,
+    0.01, 0.025, 0.05, 0.1, 0.25,
+)  # fmt: skip
+_LATENCY_BUCKETS_S = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+    20.0, 40.0, 80.0,
+)  # fmt: skip
+_ITL_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+    0.2, 0.3, 0.5, 1.0, 2.5,
+)  # fmt: skip
+
+
+class RouterMetrics:
+    def __init__(self, workers: WorkerRegistry) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "tandem_router_requests", "HTTP requests answered, by endpoint and status code",
+            ["endpoint", "status"], registry=r,
+        )  # fmt: skip
+        self.overhead_s = Histogram(
+            "tandem_router_overhead_seconds",
+            "Time spent in the router per request, excluding worker time: arrival to dispatch "
+            "plus the handling of each worker message",
+            buckets=_OVERHEAD_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.ttft_s = Histogram(
+            "tandem_router_time_to_first_token_seconds",
+            "Request arrival to the first token received from the decode worker",
+            buckets=_LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.itl_s = Histogram(
+            "tandem_router_inter_token_latency_seconds",
+            "Time between consecutive token messages of a choice, per token",
+            buckets=_ITL_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.e2e_s = Histogram(
+            "tandem_router_e2e_request_latency_seconds", "Request arrival to the last token",
+            buckets=_LATENCY_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "tandem_router_prompt_tokens", "Prompt tokens of finished choices", registry=r
+        )
+        self.cached_prompt_tokens = Counter(
+            "tandem_router_cached_prompt_tokens",
+            "Prompt tokens the workers served from a prefix cache", registry=r,
+        )  # fmt: skip
+        self.generation_tokens = Counter(
+            "tandem_router_generation_tokens", "Tokens generated", registry=r
+        )
+        self.routes = Counter(
+            "tandem_router_route_decisions",
+            "Routing decisions, by mode and where the prompt was computed",
+            ["mode", "prefill"], registry=r,
+        )  # fmt: skip
+        self.prefix_query_blocks = Counter(
+            "tandem_router_prefix_query_blocks",
+            "Full prompt blocks looked up in the chosen prefilling worker's prefix cache",
+            ["worker_id"], registry=r,
+        )  # fmt: skip
+        self.prefix_hit_blocks = Counter(
+            "tandem_router_prefix_hit_blocks",
+            "Of those, blocks found cached (prefix hits predicted from KV events)",
+            ["worker_id"], registry=r,
+        )  # fmt: skip
+        self.aborts = Counter(
+            "tandem_router_aborts", "Choices aborted on a worker, by cause", ["cause"],
+            registry=r,
+        )  # fmt: skip
+        self.finished = Counter(
+            "tandem_router_finished_choices", "Finished choices by finish reason", ["reason"],
+            registry=r,
+        )  # fmt: skip
+        r.register(_WorkerCollector(workers))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _WorkerCollector(Collector):
+    """Per-worker gauges, read from the registry at scrape time."""
+
+    def __init__(self, workers: WorkerRegistry) -> None:
+        self._workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["worker_id", "role"]
+        healthy = GaugeMetricFamily(
+            "tandem_router_worker_healthy", "1 when the worker is routable", labels=labels
+        )
+        inflight = GaugeMetricFamily(
+            "tandem_router_worker_inflight_requests",
+            "Choices this router has in flight on the worker (as its decode worker)",
+            labels=labels,
+        )
+        prefill = GaugeMetricFamily(
+            "tandem_router_worker_queued_prefill_tokens",
+            "Uncached prompt tokens dispatched to the worker whose first token is not back",
+            labels=labels,
+        )
+        free = GaugeMetricFamily(
+            "tandem_router_worker_kv_blocks_free", "Last reported free KV blocks", labels=labels
+        )
+        cached = GaugeMetricFamily(
+            "tandem_router_worker_prefix_cache_blocks",
+            "Block hashes the router believes the worker caches (from KV events)",
+            labels=labels,
+        )
+        for s in self._workers.states():
+            values = [s.worker.worker_id, s.worker.role.value]
+            healthy.add_metric(values, 1.0 if s.healthy else 0.0)
+            inflight.add_metric(values, s.num_inflight)
+            prefill.add_metric(values, s.inflight_prefill_tokens)
+            free.add_metric(values, s.load.num_blocks_free if s.load is not None else 0)
+            cached.add_metric(values, len(s.cached_hashes))
+        yield from (healthy, inflight, prefill, free, cached)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())

@@ -1,0 +1,314 @@
+"""The router's FastAPI app: OpenAI endpoints, health, metrics, errors in OpenAI's format.
+
+`build_app(config, tokenizer)` wires everything; the lifespan connects to the workers.
+Every bad input is a 400 with `{"error": {...}}` (validation happens before any worker is
+needed), no healthy decode worker is a 503 with Retry-After, and a client that goes away
+cancels its worker streams (and sends Abort).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from router.config import Role, RouterConfig
+from router.errors import InvalidRequest, RouterError, ServiceUnavailable, error_body
+from router.metrics import RouterMetrics
+from router.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from router.registry import WorkerRegistry
+from router.responses import ChoiceOutput, StreamFormatter, error_event, full_response
+from router.serving import Event, Frontend, Plan
+from runtime.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+ROUTE_HEADER = "x-tandem-route"
+KNOWN_PATHS = frozenset(
+    {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
+)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request"},
+    503: {"model": ErrorResponse, "description": "No healthy worker; retry after Retry-After"},
+}
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def build_app(config: RouterConfig, tokenizer: Tokenizer) -> FastAPI:
+    registry = WorkerRegistry(
+        (*config.decode_workers, *config.prefill_workers),
+        rpc_timeout_s=config.rpc_timeout_s,
+        load_interval_s=config.load_interval_s,
+        health_interval_s=config.health_interval_s,
+    )
+    metrics = RouterMetrics(registry)
+    frontend = Frontend(config, tokenizer, registry, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry.start()
+        try:
+            yield
+        finally:
+            await frontend.close()
+            await registry.stop()
+
+    app = FastAPI(
+        title="Tandem router",
+        summary="OpenAI-compatible front end of Tandem's prefill/decode pools",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.frontend = frontend
+    app.add_middleware(_Stamp, metrics=metrics)
+    _add_error_handlers(app)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        plan = frontend.plan_completion(body, _arrival_s(request))
+        return await _respond(frontend, plan, request)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        plan = frontend.plan_chat(body, _arrival_s(request))
+        return await _respond(frontend, plan, request)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models() -> ModelList:
+        card = ModelCard(
+            id=config.served_model_name,
+            created=int(time.time()),
+            max_model_len=config.max_model_len or registry.max_model_len(),
+        )
+        return ModelList(data=[card])
+
+    @app.get("/health", responses={503: _ERRORS[503]})
+    async def health() -> Response:
+        if not registry.any_healthy(Role.DECODE):
+            raise ServiceUnavailable("no healthy decode worker")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+# ---------------------------------------------------------------- request handling
+
+
+async def _respond(frontend: Frontend, plan: Plan, request: Request) -> Response:
+    headers = {ROUTE_HEADER: plan.route_header(), "x-request-id": plan.request_id}
+    events = frontend.events(plan)
+    if not plan.stream:
+        outputs = {c.index: ChoiceOutput() for c in plan.choices}
+        try:
+            await _until_disconnect(request, _collect(events, outputs, plan))
+        finally:
+            frontend.finish_timing(plan)
+        body = full_response(plan, outputs, frontend.token_strings)
+        return Response(body.model_dump_json(), media_type="application/json", headers=headers)
+    # The first message is awaited before the headers go out, so a worker that fails at once
+    # (unavailable, bad argument) is a proper HTTP status rather than an in-band error.
+    try:
+        first = await _until_disconnect(request, anext(events))
+    except BaseException:
+        frontend.finish_timing(plan)
+        raise
+    formatter = StreamFormatter(plan, frontend.token_strings)
+    return _EventStream(
+        _sse(frontend, plan, formatter, first, events),
+        media_type="text/event-stream",
+        headers={**headers, "cache-control": "no-cache"},
+    )
+
+
+async def _collect(
+    events: AsyncIterator[Event], outputs: dict[int, ChoiceOutput], plan: Plan
+) -> None:
+    try:
+        async for event in events:
+            outputs[event.choice.index].add(event.delta)
+            plan.timing.overhead_s += time.perf_counter() - event.received_s
+    finally:
+        await _aclose(events)
+
+
+async def _sse(
+    frontend: Frontend,
+    plan: Plan,
+    formatter: StreamFormatter,
+    first: Event,
+    events: AsyncIterator[Event],
+) -> AsyncIterator[bytes]:
+    try:
+        yield formatter.start() + formatter.event(first)
+        plan.timing.overhead_s += time.perf_counter() - first.received_s
+        async for event in events:
+            data = formatter.event(event)
+            plan.timing.overhead_s += time.perf_counter() - event.received_s
+            if data:
+                yield data
+        yield formatter.end()
+    except RouterError as exc:
+        log.warning("%s failed mid-stream: %s", plan.request_id, exc.message)
+        yield error_event(exc)
+    finally:
+        frontend.finish_timing(plan)
+        await _aclose(events)
+
+
+async def _aclose(events: AsyncIterator[Event]) -> None:
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
+
+
+async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`; if the client disconnects first, cancel it and raise ClientDisconnected."""
+    task: asyncio.Future[T] = asyncio.ensure_future(work)
+    watcher: asyncio.Future[None] = asyncio.ensure_future(_disconnected(request.receive))
+    pending: list[asyncio.Future[Any]] = [task, watcher]
+    try:
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            watcher.cancel()
+            raise ClientDisconnected()
+        watcher.cancel()
+    return task.result()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that always watches for the client going away (Starlette only does
+    for ASGI < 2.4) and always closes its body iterator, so worker streams get cancelled."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            iterator = self.body_iterator
+            if hasattr(iterator, "aclose"):
+                with contextlib.suppress(Exception), anyio.CancelScope(shield=True):
+                    await iterator.aclose()
+
+
+def _arrival_s(request: Request) -> float:
+    arrival: float = request.scope.get("tandem_arrival_s", time.perf_counter())
+    return arrival
+
+
+class _Stamp:
+    """Pure ASGI middleware: stamps the arrival time (router overhead starts there) and counts
+    responses by endpoint and status."""
+
+    def __init__(self, app: ASGIApp, metrics: RouterMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope["tandem_arrival_s"] = time.perf_counter()
+        path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+
+        async def counted_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted_send)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    def handle_router_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RouterError)
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers())
+
+    def handle_validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return handle_router_error(request, validation_error(exc))
+
+    def handle_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(
+            error_body(str(exc.detail), error_type), status_code=exc.status_code,
+            headers=exc.headers,
+        )  # fmt: skip
+
+    def handle_disconnect(request: Request, exc: Exception) -> Response:
+        return Response(status_code=499)  # nobody reads it
+
+    def handle_unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s", request.url.path)
+        body = error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error")
+        return JSONResponse(body, status_code=500)
+
+    app.add_exception_handler(RouterError, handle_router_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_error)
+    app.add_exception_handler(ClientDisconnected, handle_disconnect)
+    app.add_exception_handler(Exception, handle_unexpected)
+
+
+def validation_error(exc: RequestValidationError) -> InvalidRequest:
+    """pydantic's errors as one OpenAI error; param is the first offending field."""
+    parts: list[str] = []
+    params: list[str] = []
+    for error in exc.errors():
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        if error.get("type") == "json_invalid":
+            return InvalidRequest(f"the request body is not valid JSON: {error.get('msg')}")
+        field = ".".join(loc)
+        params.append(field)
+        parts.append(f"{field}: {error.get('msg')}" if field else str(error.get("msg")))
+    param = params[0] if params else None
+    return InvalidRequest("; ".join(parts) or "invalid request", param=param)

@@ -1,0 +1,364 @@
+"""Frontend: a validated OpenAI request -> routed choices -> worker streams -> OpenAI responses.
+
+The request path, in order (all on the event loop thread):
+
+    plan_completion / plan_chat   validate, tokenize, check the context, route once per prompt
+    collect / stream              one Generate stream per choice, merged by choice index
+    _choice_deltas                ticket accounting, metrics, cancel + Abort when cut short
+
+Router overhead (tandem_router_overhead_seconds) = arrival to the first Generate call, plus for
+every worker message the time from its arrival to the moment its output is ready for the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from proto import tandem_pb2 as pb
+from router import convert
+from router.config import RouterConfig
+from router.convert import Delta
+from router.errors import (
+    DeadlineExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    RouterError,
+    ServiceUnavailable,
+    WorkerFailed,
+)
+from router.logprobs import TokenStrings
+from router.metrics import RouterMetrics
+from router.policy import RouteDecision, RouteRequest, Unroutable, route
+from router.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from router.registry import WorkerRegistry
+from runtime.tokenizer import ChatTemplateError, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Endpoint(enum.Enum):
+    COMPLETIONS = "completions"
+    CHAT = "chat"
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One OpenAI choice: its own worker request."""
+
+    index: int  # OpenAI's choice index: prompt_index * n + i
+    prompt_index: int
+    request_id: str  # propagated to the workers
+    prompt_ids: Sequence[int]
+    sampling: pb.SamplingParams
+    decision: RouteDecision
+
+
+@dataclass(slots=True)
+class Timing:
+    arrival_s: float  # perf_counter at arrival (set by the ASGI stamp)
+    overhead_s: float = 0.0  # router time so far (see module docstring)
+    first_token_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A validated, routed request: everything needed to run and format it."""
+
+    endpoint: Endpoint
+    request_id: str
+    created: int  # unix seconds
+    model: str
+    choices: tuple[Choice, ...]
+    prompt_lens: tuple[int, ...]  # tokens per prompt
+    stream: bool
+    include_usage: bool
+    logprobs: bool  # format logprobs into the response
+    timing: Timing = field(compare=False)
+
+    def route_header(self) -> str:
+        decisions = {c.prompt_index: c.decision for c in self.choices}
+        return " | ".join(decisions[i].header_value() for i in sorted(decisions))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One worker message for one choice, stamped when it came off the wire."""
+
+    choice: Choice
+    delta: Delta
+    received_s: float  # perf_counter
+
+
+class Frontend:
+    def __init__(
+        self,
+        config: RouterConfig,
+        tokenizer: Tokenizer,
+        registry: WorkerRegistry,
+        metrics: RouterMetrics,
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.registry = registry
+        self.metrics = metrics
+        self.token_strings = TokenStrings(tokenizer)
+        self._seq = 0
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------ planning (no awaits)
+
+    def plan_completion(self, req: CompletionRequest, arrival_s: float) -> Plan:
+        self._check_model(req.model)
+        convert.validate_sampling(req, self.tokenizer.vocab_size)
+        convert.validate_completion(req)
+        prompts = self._completion_prompts(req.prompt)
+        logprobs = req.logprobs
+        return self._plan(
+            Endpoint.COMPLETIONS, req, prompts, req.max_tokens, "max_tokens", logprobs, arrival_s
+        )
+
+    def plan_chat(self, req: ChatCompletionRequest, arrival_s: float) -> Plan:
+        self._check_model(req.model)
+        convert.validate_sampling(req, self.tokenizer.vocab_size)
+        convert.validate_chat(req)
+        messages = [_template_message(m.model_dump(exclude_none=True)) for m in req.messages]
+        try:
+            ids = self.tokenizer.encode_chat(
+                messages, req.add_generation_prompt, **(req.chat_template_kwargs or {})
+            )
+        except ChatTemplateError as exc:
+            raise InvalidRequest(str(exc), param="messages") from exc
+        max_tokens: int | None
+        if req.max_completion_tokens is not None:
+            max_tokens, param = req.max_completion_tokens, "max_completion_tokens"
+        else:
+            max_tokens, param = req.max_tokens, "max_tokens"
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        return self._plan(Endpoint.CHAT, req, [ids], max_tokens, param, logprobs, arrival_s)
+
+    def _plan(
+        self,
+        endpoint: Endpoint,
+        req: SamplingFields,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        max_tokens_param: str,
+        logprobs: int | None,
+        arrival_s: float,
+    ) -> Plan:
+        max_model_len = self.config.max_model_len or self.registry.max_model_len()
+        if max_model_len is None:
+            raise ServiceUnavailable("no healthy decode worker")
+        prefix = "cmpl-" if endpoint is Endpoint.COMPLETIONS else "chatcmpl-"
+        request_id = f"{prefix}{uuid.uuid4().hex}"
+        num_choices = len(prompts) * req.n
+        choices: list[Choice] = []
+        for p, ids in enumerate(prompts):
+            budget = convert.resolve_max_tokens(
+                max_tokens, len(ids), max_model_len, max_tokens_param
+            )
+            decision = self._route(ids)
+            for i in range(req.n):
+                index = p * req.n + i
+                sampling = convert.sampling_to_proto(
+                    req, max_tokens=budget, logprobs=logprobs, seed=convert.child_seed(req.seed, i)
+                )
+                rid = request_id if num_choices == 1 else f"{request_id}-{index}"
+                choices.append(Choice(index, p, rid, ids, sampling, decision))
+        return Plan(
+            endpoint=endpoint,
+            request_id=request_id,
+            created=int(time.time()),
+            model=self.config.served_model_name,
+            choices=tuple(choices),
+            prompt_lens=tuple(len(ids) for ids in prompts),
+            stream=req.stream,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            logprobs=logprobs is not None,
+            timing=Timing(arrival_s),
+        )
+
+    def _route(self, prompt_ids: list[int]) -> RouteDecision:
+        self._seq += 1
+        request = RouteRequest(len(prompt_ids), self.registry.overlaps(prompt_ids), self._seq)
+        snapshot = self.registry.snapshot()
+        try:
+            decision = route(request, snapshot, self.config.mode, self.config.policy)
+        except Unroutable as exc:
+            raise ServiceUnavailable(str(exc)) from exc
+        prefilled_on = decision.prefill_worker_id or decision.decode_worker_id
+        self.metrics.routes.labels(
+            decision.mode.value, "remote" if decision.remote_prefill else "local"
+        ).inc()
+        blocks = len(prompt_ids) // self.registry.block_size(prefilled_on)
+        self.metrics.prefix_query_blocks.labels(prefilled_on).inc(blocks)
+        self.metrics.prefix_hit_blocks.labels(prefilled_on).inc(decision.overlap_blocks)
+        return decision
+
+    def _check_model(self, model: str) -> None:
+        if model != self.config.served_model_name:
+            raise ModelNotFound(model, self.config.served_model_name)
+
+    def _completion_prompts(
+        self, prompt: str | list[str] | list[int] | list[list[int]]
+    ) -> list[list[int]]:
+        vocab = self.tokenizer.vocab_size
+        if isinstance(prompt, str):
+            prompts = [self.tokenizer.encode(prompt)]
+        elif not prompt:
+            raise InvalidRequest("prompt must not be empty", param="prompt")
+        elif isinstance(prompt[0], str):
+            prompts = [self.tokenizer.encode(p) for p in prompt if isinstance(p, str)]
+        elif isinstance(prompt[0], int):
+            prompts = [[t for t in prompt if isinstance(t, int)]]
+        else:
+            prompts = [list(p) for p in prompt if isinstance(p, list)]
+        for ids in prompts:
+            convert.check_prompt_ids(ids, vocab, "prompt")
+        return prompts
+
+    # ------------------------------------------------------------ running
+
+    async def events(self, plan: Plan) -> AsyncIterator[Event]:
+        """Every choice's worker messages, interleaved as they arrive; the last one per choice
+        has a finish_reason. Closing the iterator early cancels (and aborts) what is left."""
+        if len(plan.choices) == 1:
+            async for event in self._choice_events(plan, plan.choices[0]):
+                yield event
+            return
+        queue: asyncio.Queue[Event | BaseException | None] = asyncio.Queue()
+
+        async def pump(choice: Choice) -> None:
+            try:
+                async for event in self._choice_events(plan, choice):
+                    queue.put_nowait(event)
+                queue.put_nowait(None)
+            except Exception as exc:
+                queue.put_nowait(exc)
+
+        tasks = [asyncio.create_task(pump(c)) for c in plan.choices]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _choice_events(self, plan: Plan, choice: Choice) -> AsyncIterator[Event]:
+        decision = choice.decision
+        client = self.registry.client(decision.decode_worker_id)
+        request = convert.generate_request(
+            choice.request_id,
+            choice.prompt_ids,
+            choice.sampling,
+            decision.prefill_worker_id,
+            decision.prefill_address,
+            time.time() + self.config.request_timeout_s,
+        )
+        ticket = self.registry.begin(choice.request_id, decision, len(choice.prompt_ids))
+        timing = plan.timing
+        if choice.index == 0:
+            timing.overhead_s += time.perf_counter() - timing.arrival_s
+        call = client.generate(request, timeout_s=self.config.request_timeout_s)
+        finished = False
+        last_token_s: float | None = None
+        try:
+            async for msg in call:  # waiting here is worker time
+                now = time.perf_counter()
+                delta = convert.delta_from_proto(msg)
+                self.registry.add_tokens(ticket, len(delta.token_ids))
+                if delta.token_ids:
+                    if last_token_s is None:
+                        if timing.first_token_s is None:
+                            timing.first_token_s = now
+                            self.metrics.ttft_s.observe(now - timing.arrival_s)
+                    else:
+                        gap_s = (now - last_token_s) / len(delta.token_ids)
+                        for _ in delta.token_ids:
+                            self.metrics.itl_s.observe(gap_s)
+                    last_token_s = now
+                    self.metrics.generation_tokens.inc(len(delta.token_ids))
+                if delta.finish_reason is not None:
+                    finished = True
+                    self._on_finished(delta.finish_reason, delta.usage)
+                yield Event(choice, delta, now)
+                if finished:
+                    return
+            raise WorkerFailed(
+                f"decode worker {decision.decode_worker_id} ended {choice.request_id} "
+                "without a finish reason"
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _rpc_error(exc, decision.decode_worker_id) from exc
+        finally:
+            self.registry.finish(ticket)
+            if not finished:
+                call.cancel()
+                self._abort(decision.decode_worker_id, choice.request_id)
+
+    def _on_finished(self, reason: convert.FinishReason, usage: convert.Usage | None) -> None:
+        self.metrics.finished.labels(reason.value).inc()
+        if usage is not None:
+            self.metrics.prompt_tokens.inc(usage.prompt_tokens)
+            self.metrics.cached_prompt_tokens.inc(usage.cached_tokens)
+
+    def _abort(self, worker_id: str, request_id: str) -> None:
+        """Best effort, in the background: cancelling the stream already tells the worker."""
+        self.metrics.aborts.labels("cut_short").inc()
+        task = asyncio.get_running_loop().create_task(self._send_abort(worker_id, request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_abort(self, worker_id: str, request_id: str) -> None:
+        try:
+            await self.registry.client(worker_id).abort(request_id)
+        except grpc.aio.AioRpcError as exc:
+            log.info("abort %s on %s failed: %s", request_id, worker_id, exc.code().name)
+
+    def finish_timing(self, plan: Plan) -> None:
+        """Called once per request when its last output is handed to the client."""
+        self.metrics.overhead_s.observe(plan.timing.overhead_s)
+        self.metrics.e2e_s.observe(time.perf_counter() - plan.timing.arrival_s)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(task, timeout=1.0)
+
+
+def _template_message(message: dict[str, Any]) -> dict[str, Any]:
+    """Text parts are joined with newlines (vLLM's "string" content format)."""
+    content = message.get("content")
+    if isinstance(content, list):
+        message["content"] = "\n".join(part["text"] for part in content)
+    return message
+
+
+def _rpc_error(exc: grpc.aio.AioRpcError, worker_id: str) -> RouterError:
+    code = exc.code()
+    message = f"worker {worker_id}: {code.name}: {exc.details()}"
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidRequest(message)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        return ServiceUnavailable(message)
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(message)
+    return WorkerFailed(message)
