@@ -170,12 +170,16 @@ def check_prompt_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
 
 
 def resolve_max_tokens(
-    requested: int | None, num_prompt_tokens: int, max_model_len: int, param: str
+    requested: int | None,
+    num_prompt_tokens: int,
+    max_model_len: int,
+    param: str,
+    prompt_param: str = "prompt",
 ) -> int:
     """Output token budget; the prompt plus it must fit the context (vLLM's message)."""
     if num_prompt_tokens >= max_model_len:
         _bad(
-            "messages" if param == "max_completion_tokens" else "prompt",
+            prompt_param,
             f"This model's maximum context length is {max_model_len} tokens. However, your "
             f"prompt has {num_prompt_tokens} tokens, leaving no room for output.",
         )

@@ -160,19 +160,29 @@ class Frontend:
         if max_model_len is None:
             raise ServiceUnavailable("no healthy decode worker")
         prefix = "cmpl-" if endpoint is Endpoint.COMPLETIONS else "chatcmpl-"
+        prompt_param = "prompt" if endpoint is Endpoint.COMPLETIONS else "messages"
         request_id = f"{prefix}{uuid.uuid4().hex}"
         num_choices = len(prompts) * req.n
+        # every prompt is validated before any is routed: a 400 never counts as a route
+        samplings = [
+            [
+                convert.sampling_to_proto(
+                    req,
+                    max_tokens=convert.resolve_max_tokens(
+                        max_tokens, len(ids), max_model_len, max_tokens_param, prompt_param
+                    ),
+                    logprobs=logprobs,
+                    seed=convert.child_seed(req.seed, i),
+                )
+                for i in range(req.n)
+            ]
+            for ids in prompts
+        ]
         choices: list[Choice] = []
         for p, ids in enumerate(prompts):
-            budget = convert.resolve_max_tokens(
-                max_tokens, len(ids), max_model_len, max_tokens_param
-            )
             decision = self._route(ids)
-            for i in range(req.n):
+            for i, sampling in enumerate(samplings[p]):
                 index = p * req.n + i
-                sampling = convert.sampling_to_proto(
-                    req, max_tokens=budget, logprobs=logprobs, seed=convert.child_seed(req.seed, i)
-                )
                 rid = request_id if num_choices == 1 else f"{request_id}-{index}"
                 choices.append(Choice(index, p, rid, ids, sampling, decision))
         return Plan(

@@ -1,0 +1,162 @@
+"""router/policy.py: pure routing decisions over literal snapshots."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from router.config import Mode, PolicyConfig, Role
+from router.policy import (
+    RouteRequest,
+    Unroutable,
+    WorkerSnapshot,
+    prefix_overlap,
+    route,
+    uncached_tokens,
+)
+
+CFG = PolicyConfig(prefill_weight=1.0, local_prefill_max_tokens=64, prefill_saturated_tokens=1000)
+
+
+def decode(worker_id: str, **kw: object) -> WorkerSnapshot:
+    base = WorkerSnapshot(
+        worker_id=worker_id, address=f"{worker_id}:1", role=Role.DECODE, healthy=True,
+        block_size=16, max_model_len=4096, num_blocks_total=1000, num_blocks_free=1000,
+    )  # fmt: skip
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def prefill(worker_id: str, **kw: object) -> WorkerSnapshot:
+    return dataclasses.replace(decode(worker_id), role=Role.PREFILL, **kw)  # type: ignore[arg-type]
+
+
+def req(num_tokens: int, seq: int = 0, **overlap: int) -> RouteRequest:
+    return RouteRequest(num_tokens, overlap, seq)
+
+
+def test_uncached_tokens_always_computes_the_last_prompt_token() -> None:
+    assert uncached_tokens(100, 0, 16) == 100
+    assert uncached_tokens(100, 3, 16) == 52
+    assert uncached_tokens(64, 4, 16) == 1  # fully cached: the last token still runs
+    assert uncached_tokens(1, 0, 16) == 1
+
+
+def test_prefix_overlap_stops_at_the_first_miss() -> None:
+    assert prefix_overlap([1, 2, 3, 4], {1, 2, 4}) == 2
+    assert prefix_overlap([1, 2, 3], set()) == 0
+    assert prefix_overlap([], {1}) == 0
+    assert prefix_overlap([5, 1], {1}) == 0
+
+
+def test_no_healthy_decode_worker_is_unroutable() -> None:
+    with pytest.raises(Unroutable, match="no healthy decode worker"):
+        route(req(10), [decode("d0", healthy=False), prefill("p0")], Mode.AUTO, CFG)
+    with pytest.raises(Unroutable):
+        route(req(10), [], Mode.COLLOCATED, CFG)
+
+
+def test_prompt_longer_than_a_workers_context_skips_it() -> None:
+    workers = [decode("d0", max_model_len=100), decode("d1", num_blocks_free=10)]
+    assert route(req(200), workers, Mode.COLLOCATED, CFG).decode_worker_id == "d1"
+    with pytest.raises(Unroutable):
+        route(req(200), [decode("d0", max_model_len=200)], Mode.COLLOCATED, CFG)
+
+
+def test_disagg_needs_a_prefill_worker_and_never_falls_back_silently() -> None:
+    with pytest.raises(Unroutable, match="disagg"):
+        route(req(10), [decode("d0"), prefill("p0", healthy=False)], Mode.DISAGG, CFG)
+
+
+def test_disagg_picks_prefill_by_overlap_and_decode_by_load() -> None:
+    workers = [
+        decode("d0", inflight_kv_blocks=50),
+        decode("d1", inflight_kv_blocks=10),
+        prefill("p0"),
+        prefill("p1"),
+    ]
+    d = route(req(320, p1=15, d0=20), workers, Mode.DISAGG, CFG)
+    assert (d.decode_worker_id, d.prefill_worker_id) == ("d1", "p1")
+    assert d.prefill_address == "p1:1"
+    assert d.overlap_blocks == 15
+    assert d.uncached_tokens == 320 - 15 * 16
+    assert d.remote_prefill
+    header = d.header_value()
+    assert "mode=disagg" in header and "decode=d1" in header and "prefill=p1" in header
+    assert "overlap_blocks=15" in header and "p0=" in header  # the loser's cost is explained
+
+
+def test_prefill_cost_is_dynamo_like_queued_plus_uncached() -> None:
+    # p0 holds 10 of the 20 blocks but has 400 uncached tokens queued; p1 holds none, idle.
+    # p0: (400 + 160) / 16 = 35 blocks; p1: 320 / 16 = 20 blocks -> p1
+    workers = [decode("d0"), prefill("p0", inflight_prefill_tokens=400), prefill("p1")]
+    d = route(req(320, p0=10), workers, Mode.DISAGG, CFG)
+    assert d.prefill_worker_id == "p1"
+    assert "p1 cost=20" in d.reason and "p0=35" in d.reason
+    # with less queued on p0 the overlap wins: (100 + 160) / 16 = 16.25 < 20
+    workers[1] = prefill("p0", inflight_prefill_tokens=100)
+    assert route(req(320, p0=10), workers, Mode.DISAGG, CFG).prefill_worker_id == "p0"
+
+
+def test_decode_load_is_the_larger_of_report_and_own_count() -> None:
+    # d0 reports 900 blocks used; d1 reports none but the router has 300 in flight there
+    workers = [decode("d0", num_blocks_free=100), decode("d1", inflight_kv_blocks=300)]
+    assert workers[0].held_blocks == 900 and workers[1].held_blocks == 300
+    assert route(req(16), workers, Mode.COLLOCATED, CFG).decode_worker_id == "d1"
+
+
+def test_workers_without_free_blocks_for_the_prompt_are_a_last_resort() -> None:
+    workers = [decode("d0", num_blocks_free=1), decode("d1", inflight_kv_blocks=500)]
+    d = route(req(64), workers, Mode.COLLOCATED, CFG)
+    assert d.decode_worker_id == "d1"  # d0 is cheaper but cannot hold 64 tokens in 1 block
+    only = route(req(64), [decode("d0", num_blocks_free=1)], Mode.COLLOCATED, CFG)
+    assert only.decode_worker_id == "d0" and "none has free blocks" in only.reason
+
+
+def test_exact_ties_rotate_with_the_request_sequence() -> None:
+    workers = [decode("d0"), decode("d1"), decode("d2")]
+    chosen = [
+        route(req(32, seq=s), workers, Mode.COLLOCATED, CFG).decode_worker_id for s in range(6)
+    ]
+    assert chosen == ["d0", "d1", "d2", "d0", "d1", "d2"]
+
+
+def test_collocated_prefers_the_decode_worker_holding_the_prefix() -> None:
+    workers = [decode("d0"), decode("d1"), prefill("p0")]
+    d = route(req(640, d1=30), workers, Mode.COLLOCATED, CFG)
+    assert d.decode_worker_id == "d1" and not d.remote_prefill
+    assert d.overlap_blocks == 30 and d.uncached_tokens == 640 - 480
+    assert d.header_value().startswith("mode=collocated; decode=d1; prefill=local;")
+
+
+def test_auto_prefills_short_uncached_prompts_locally() -> None:
+    workers = [decode("d0"), prefill("p0")]
+    short = route(req(60), workers, Mode.AUTO, CFG)
+    assert not short.remote_prefill and "uncached 60 <= 64" in short.reason
+    # long, but the decode worker caches all but 40 tokens of it: still local
+    cached = route(req(1000, d0=60), workers, Mode.AUTO, CFG)
+    assert not cached.remote_prefill and cached.uncached_tokens == 40
+
+
+def test_auto_sends_long_uncached_prompts_to_the_prefill_pool() -> None:
+    workers = [decode("d0"), prefill("p0"), prefill("p1")]
+    d = route(req(1000, p1=10), workers, Mode.AUTO, CFG)
+    assert d.prefill_worker_id == "p1" and "uncached 1000 > 64" in d.reason
+    assert d.uncached_tokens == 1000 - 160
+
+
+def test_auto_prefills_locally_when_the_pool_is_saturated_or_absent() -> None:
+    saturated = [decode("d0"), prefill("p0", inflight_prefill_tokens=5000)]
+    d = route(req(1000), saturated, Mode.AUTO, CFG)
+    assert not d.remote_prefill and "saturated" in d.reason
+    absent = route(req(1000), [decode("d0"), prefill("p0", healthy=False)], Mode.AUTO, CFG)
+    assert not absent.remote_prefill and "no healthy prefill worker" in absent.reason
+
+
+def test_policy_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError):
+        PolicyConfig(prefill_weight=-1)
+    with pytest.raises(ValueError):
+        PolicyConfig(local_prefill_max_tokens=-1)
+    with pytest.raises(ValueError):
+        PolicyConfig(prefill_saturated_tokens=0)
