@@ -61,9 +61,18 @@ class Delta:
 
 
 def delta_from_proto(msg: pb.GenerateResponse) -> Delta:
+    """Once per worker message: keep it cheap (no logprob work when none were asked for)."""
     finish: FinishReason | None = None
     stop_reason: str | int | None = None
     usage: Usage | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    if msg.logprobs:
+        logprobs = tuple(
+            TokenLogprob(
+                lp.token_id, lp.logprob, tuple(zip(lp.top_token_ids, lp.top_logprobs, strict=True))
+            )
+            for lp in msg.logprobs
+        )
     if msg.finished:
         finish = _FINISH_FROM_PROTO.get(msg.finish_reason, FinishReason.ABORT)
         if msg.stop_string:
@@ -75,14 +84,7 @@ def delta_from_proto(msg: pb.GenerateResponse) -> Delta:
     return Delta(
         token_ids=tuple(msg.token_ids),
         text=msg.text,
-        logprobs=tuple(
-            TokenLogprob(
-                lp.token_id,
-                lp.logprob,
-                tuple(zip(lp.top_token_ids, lp.top_logprobs, strict=True)),
-            )
-            for lp in msg.logprobs
-        ),
+        logprobs=logprobs,
         finish_reason=finish,
         stop_reason=stop_reason,
         usage=usage,

@@ -9,9 +9,9 @@ Unknown fields are ignored, as vLLM does; known OpenAI fields this server cannot
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 # ---------------------------------------------------------------- requests
 
@@ -48,8 +48,15 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
 
 
+# Tried in order, first match wins: pydantic's default "smart" union validates a long id list
+# against every member (3 ms for 8k ids, against 0.2 ms); strict ints keep ["1"] a list of text.
+Prompt = Annotated[
+    str | list[StrictInt] | list[list[StrictInt]] | list[str], Field(union_mode="left_to_right")
+]
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
     max_tokens: int | None = 16  # OpenAI's default for completions; None: to the context end
     logprobs: int | None = None  # top-k alternatives per token, 0..20
     echo: bool = False

@@ -122,6 +122,14 @@ class StreamFormatter:
         self.plan = plan
         self.strings = strings
         self.outputs = {c.index: ChoiceOutput() for c in plan.choices}
+        completions = plan.endpoint is Endpoint.COMPLETIONS
+        kind = "text_completion" if completions else "chat.completion.chunk"
+        request_id, model = json.dumps(plan.request_id), json.dumps(plan.model)
+        self._head = (
+            f'data: {{"id":{request_id},"object":"{kind}","created":{plan.created},'
+            f'"model":{model},"choices":['
+        ).encode()
+        self._tail = b'],"usage":null}\n\n'
 
     def start(self) -> bytes:
         """Chat streams open with each choice's role (OpenAI and vLLM do); completions send
@@ -139,30 +147,32 @@ class StreamFormatter:
         text_offset = out.text_len
         delta = event.delta
         out.add(delta)
-        finish = delta.finish_reason.value if delta.finish_reason is not None else None
+        finish = delta.finish_reason
         if not delta.text and finish is None and not (self.plan.logprobs and delta.logprobs):
             return b""  # e.g. text held back while a stop string may be matching
+        # Hot path (once per token): the chunk is assembled from pre-rendered pieces, not a
+        # pydantic model; tests check it validates as CompletionResponse/ChatCompletionChunk.
+        logprobs = "null"
+        if self.plan.logprobs:
+            if self.plan.endpoint is Endpoint.COMPLETIONS:
+                legacy = completion_logprobs(self.strings, delta.logprobs, text_offset)
+                logprobs = legacy.model_dump_json()
+            else:
+                chat = ChatLogprobs(content=chat_logprobs(self.strings, delta.logprobs))
+                logprobs = chat.model_dump_json()
+        text = json.dumps(delta.text, ensure_ascii=False)
         if self.plan.endpoint is Endpoint.COMPLETIONS:
-            choice = CompletionChoice(
-                index=event.choice.index,
-                text=delta.text,
-                logprobs=completion_logprobs(self.strings, delta.logprobs, text_offset)
-                if self.plan.logprobs
-                else None,
-                finish_reason=finish,
-                stop_reason=delta.stop_reason,
+            choice = f'{{"index":{event.choice.index},"text":{text},"logprobs":{logprobs}'
+        else:
+            choice = (
+                f'{{"index":{event.choice.index},"delta":{{"content":{text}}},"logprobs":{logprobs}'
             )
-            return self._completion_chunk(choice)
-        chat_choice = ChatStreamChoice(
-            index=event.choice.index,
-            delta=DeltaMessage(content=delta.text),
-            logprobs=ChatLogprobs(content=chat_logprobs(self.strings, delta.logprobs))
-            if self.plan.logprobs
-            else None,
-            finish_reason=finish,
-            stop_reason=delta.stop_reason,
-        )
-        return self._chat_chunk(chat_choice)
+        if finish is None:
+            choice += ',"finish_reason":null,"stop_reason":null}'
+        else:
+            stop = json.dumps(delta.stop_reason, ensure_ascii=False)
+            choice += f',"finish_reason":"{finish.value}","stop_reason":{stop}}}'
+        return self._head + choice.encode() + self._tail
 
     def end(self) -> bytes:
         """The usage chunk (when asked for) and [DONE]."""
@@ -180,13 +190,6 @@ class StreamFormatter:
             choices=[], usage=usage,
         )  # fmt: skip
         return _sse(chat.model_dump_json()) + DONE
-
-    def _completion_chunk(self, choice: CompletionChoice) -> bytes:
-        chunk = CompletionResponse(
-            id=self.plan.request_id, created=self.plan.created, model=self.plan.model,
-            choices=[choice],
-        )  # fmt: skip
-        return _sse(chunk.model_dump_json())
 
     def _chat_chunk(self, choice: ChatStreamChoice) -> bytes:
         chunk = ChatCompletionChunk(
