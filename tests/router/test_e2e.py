@@ -290,6 +290,8 @@ def test_client_disconnect_aborts_the_request_on_the_worker(cluster: LocalCluste
 
 
 def test_router_overhead_is_exported(cluster: LocalCluster) -> None:
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 2}
+    assert httpx.post(f"{cluster.url}/v1/completions", json=body, timeout=60).status_code == 200
     metrics = httpx.get(f"{cluster.url}/metrics").text
     count = re.search(r"tandem_router_overhead_seconds_count (\S+)", metrics)
     assert count is not None and float(count.group(1)) > 0
@@ -323,3 +325,18 @@ def test_shared_prefix_goes_to_the_worker_that_caches_it(tiny_chat_model_dir: Pa
         assert hits is not None and float(hits.group(1)) >= 12
     finally:
         c.stop()
+
+
+def test_bench_serve_runs_against_the_router(cluster: LocalCluster) -> None:
+    from bench.serve import BenchConfig, run
+
+    config = BenchConfig(
+        url=cluster.url, model=None, isl=32, osl=6, num_requests=8, concurrency=4, rate=None,
+        slo_ttft_s=60.0, slo_itl_s=60.0,
+    )  # fmt: skip
+    summary = asyncio.run(run(config))
+    assert summary["model"] == "tiny"
+    assert summary["completed"] == 8 and summary["failed"] == 0
+    assert summary["prompt_len_mismatches"] == 0 and summary["output_len_mismatches"] == 0
+    assert summary["slo_attainment"] == 1.0
+    assert summary["ttft_s"]["p50"] > 0 and summary["itl_s"]["p50"] > 0
