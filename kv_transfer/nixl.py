@@ -1,0 +1,217 @@
+"""NIXL backend: one-sided WRITEs with a completion notification (package nixl-cu13, UCX plugin).
+
+Memory type and device come from the pool tensor (CPU -> DRAM, CUDA -> VRAM). Metadata goes one
+way: the source loads the sink's agent metadata from the welcome message; the sink never loads
+the source's, it only receives notifications from it.
+
+No progress thread (it busy-polls a core: NIXL hard-codes pthrDelay=0). So the passive sink must
+call into NIXL for wire-up and to receive notifications: it does so every `progress_interval_s`
+while a granted write may be in flight, and not at all otherwise. That tick bounds the latency
+the sink adds to a landing; the default 0.2 ms costs ~5 k wakeups/s only while writes run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.kv_cache import KVCache
+from kv_transfer.base import BackendUnavailable, HandshakeFailed, PeerLost, TransferFailed
+from kv_transfer.ledger import SinkLedger
+from kv_transfer.sink import Sink
+from kv_transfer.source import Source
+from kv_transfer.transport import Arrival, PoolInfo, Run
+
+try:
+    from nixl_cu13 import _bindings as nixl_bindings
+    from nixl_cu13._api import nixl_agent, nixl_agent_config
+except ImportError as e:  # the registry turns this into a clear message
+    raise BackendUnavailable(
+        "the 'nixl' KV transfer backend needs nixl-cu13: pip install -e '.[kv]'"
+    ) from e
+
+NAME = "nixl"
+_NOTIF_PREFIX = b"tandem-kv1:"
+# Every exception the bindings raise (they all derive from Exception directly).
+_NIXL_ERRORS = tuple(
+    getattr(nixl_bindings, n)
+    for n in dir(nixl_bindings)
+    if n.startswith("nixl") and n.endswith("Error")
+)
+
+
+def _agent(name: str) -> Any:
+    return nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+
+
+def _register(agent: Any, pool: PoolInfo) -> Any:
+    region = [(pool.base_address, pool.block_bytes * pool.num_blocks, pool.device_id, "")]
+    return agent.register_memory(region, pool.memory)
+
+
+class NixlSinkTransport:
+    one_sided = True
+
+    def __init__(self, kv: KVCache, agent_name: str, progress_interval_s: float) -> None:
+        self._pool = PoolInfo.of(kv.pool, kv.layout.block_bytes)
+        self._agent = _agent(agent_name)
+        self._registration = _register(self._agent, self._pool)
+        self._tick = progress_interval_s
+
+    def describe(self) -> dict[str, Any]:
+        return {"metadata": self._agent.get_agent_metadata(), "pool": asdict(self._pool)}
+
+    def progress(self, ledger: SinkLedger) -> list[Arrival]:
+        arrivals = []
+        for agent, messages in self._agent.get_new_notifs().items():
+            for msg in messages:
+                if not msg.startswith(_NOTIF_PREFIX):
+                    continue
+                generation = int(msg[len(_NOTIF_PREFIX) :])
+                t = ledger.get(generation)
+                num_bytes = t.num_blocks * self._pool.block_bytes if t is not None else 0
+                arrivals.append(Arrival(generation, str(agent), num_bytes))
+        return arrivals
+
+    def wait_spec(self, ledger: SinkLedger) -> tuple[list[int], float | None]:
+        return [], self._tick if ledger.num_claimed else None
+
+    def peer_gone(self, agent: str) -> None:
+        pass  # we never loaded its metadata
+
+    def close(self) -> None:
+        self._agent.deregister_memory(self._registration)
+
+
+@dataclass(slots=True)
+class _Op:
+    handle: Any
+    done: bool
+
+
+class NixlSourceTransport:
+    def __init__(self, kv: KVCache, agent_name: str, progress_interval_s: float) -> None:
+        self._pool = PoolInfo.of(kv.pool, kv.layout.block_bytes)
+        self._agent = _agent(agent_name)
+        self._registration = _register(self._agent, self._pool)
+        self._tick = progress_interval_s
+        self._remotes: dict[str, PoolInfo] = {}
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def add_peer(self, agent: str, info: dict[str, Any]) -> None:
+        try:
+            remote = PoolInfo(**info["pool"])
+            loaded = self._agent.add_remote_agent(bytes(info["metadata"]))
+        except (KeyError, TypeError, *_NIXL_ERRORS) as e:
+            raise HandshakeFailed(f"unusable NIXL description from {agent}: {e}") from e
+        name = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+        if name != agent or remote.block_bytes != self._pool.block_bytes:
+            raise HandshakeFailed(f"sink {agent} sent metadata of {name} / a different block size")
+        self._remotes[agent] = remote
+
+    def remove_peer(self, agent: str) -> None:
+        if self._remotes.pop(agent, None) is not None:
+            with contextlib.suppress(*_NIXL_ERRORS):  # already disconnected: nothing to tear down
+                self._agent.remove_remote_agent(agent)
+
+    def post(self, agent: str, generation: int, runs: list[Run]) -> _Op:
+        remote = self._remotes[agent]
+        r = np.asarray(runs, dtype=np.uint64).reshape(-1, 3)  # [num_runs, (src, dst, n)]
+        if int((r[:, 1] + r[:, 2]).max()) > remote.num_blocks:
+            raise TransferFailed(f"destination blocks beyond {agent}'s pool of {remote.num_blocks}")
+        bb = np.uint64(self._pool.block_bytes)
+        local = np.stack([self._pool.base_address + r[:, 0] * bb, r[:, 2] * bb, r[:, 2] * 0], 1)
+        dest = np.stack([remote.base_address + r[:, 1] * bb, r[:, 2] * bb, r[:, 2] * 0], 1)
+        local[:, 2], dest[:, 2] = self._pool.device_id, remote.device_id
+        try:
+            handle = self._agent.initialize_xfer(
+                "WRITE",
+                self._agent.get_xfer_descs(local, self._pool.memory),
+                self._agent.get_xfer_descs(dest, remote.memory),
+                agent,
+                _NOTIF_PREFIX + str(generation).encode(),
+            )
+            state = self._agent.transfer(handle)
+        except _NIXL_ERRORS as e:
+            raise _failure(agent, e) from e
+        if state == "ERR":
+            raise TransferFailed(f"NIXL refused the WRITE to {agent}")
+        return _Op(handle, state == "DONE")
+
+    def check(self, op: object) -> bool:
+        assert isinstance(op, _Op)
+        if not op.done:
+            try:
+                state = self._agent.check_xfer_state(op.handle)
+            except _NIXL_ERRORS as e:
+                op.done = True
+                raise _failure("the sink", e) from e
+            if state == "ERR":
+                op.done = True
+                raise TransferFailed("NIXL reported the WRITE failed")
+            op.done = state == "DONE"
+        return op.done
+
+    def release(self, op: object) -> bool:
+        assert isinstance(op, _Op)
+        try:
+            self._agent.release_xfer_handle(op.handle)
+        except _NIXL_ERRORS:
+            return False  # still running and not cancellable: try again later
+        return True
+
+    def wait_spec(self, num_in_flight: int) -> tuple[list[int], float | None]:
+        return [], self._tick if num_in_flight else None
+
+    def close(self) -> None:
+        for agent in list(self._remotes):
+            self.remove_peer(agent)
+        self._agent.deregister_memory(self._registration)
+
+
+def _failure(agent: str, e: Exception) -> TransferFailed:
+    if isinstance(e, nixl_bindings.nixlRemoteDisconnectError):
+        return PeerLost(f"{agent} disconnected: {e}")
+    return TransferFailed(f"NIXL error writing to {agent}: {e}")
+
+
+def make_sink(
+    kv: KVCache,
+    *,
+    agent_name: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    peer_loss_grace_s: float = 0.05,
+    progress_interval_s: float = 2e-4,
+) -> Sink:
+    name = agent_name or f"kv-sink-{uuid.uuid4().hex[:12]}"
+    transport = NixlSinkTransport(kv, name, progress_interval_s)
+    return Sink(
+        kv,
+        transport,
+        agent_name=name,
+        backend=NAME,
+        host=host,
+        port=port,
+        peer_loss_grace_s=peer_loss_grace_s,
+    )
+
+
+def make_source(
+    kv: KVCache,
+    *,
+    agent_name: str | None = None,
+    handshake_timeout_s: float = 10.0,
+    progress_interval_s: float = 2e-4,
+) -> Source:
+    name = agent_name or f"kv-source-{uuid.uuid4().hex[:12]}"
+    transport = NixlSourceTransport(kv, name, progress_interval_s)
+    return Source(
+        kv, transport, agent_name=name, backend=NAME, handshake_timeout_s=handshake_timeout_s
+    )

@@ -1,0 +1,325 @@
+"""Source: the prefill side of KV transfer over any SourceTransport (see base.KVSource).
+
+A send goes queued (handshake pending) -> claimed (waiting for the sink's grant) -> posted (the
+transport writes) -> SendDone / SendFailed. The claim round trip is what makes one-sided writes
+safe: nothing is written before the sink has checked the generation and the lease, and once an
+abort arrives the source acks only after its write is over (never while it may still land).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import select
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from engine.kv_cache import KVCache
+from kv_transfer.base import (
+    HandshakeFailed,
+    KVHandle,
+    KVLayoutMismatch,
+    KVTransferError,
+    PeerLost,
+    SendDone,
+    SendFailed,
+    SourceEvent,
+    TransferAborted,
+    TransferFailed,
+    check_layouts,
+)
+from kv_transfer.transport import Run, SourceTransport, paired_runs
+from kv_transfer.wire import (
+    PROTOCOL_VERSION,
+    Connection,
+    ConnectionClosed,
+    Message,
+    connect,
+    layout_from_wire,
+    layout_to_wire,
+    require,
+)
+
+log = logging.getLogger(__name__)
+
+
+class _Stage(enum.Enum):
+    QUEUED = "queued"  # the peer's handshake is not done yet
+    CLAIMED = "claimed"  # claim sent, no grant yet
+    POSTED = "posted"  # the transport may be writing
+
+
+@dataclass(slots=True)
+class _Send:
+    handle: KVHandle
+    runs: list[Run]
+    num_bytes: int
+    started: float
+    stage: _Stage = _Stage.QUEUED
+    op: object | None = None
+    abort_reason: str | None = None  # the sink aborted while we were writing
+
+
+@dataclass(slots=True)
+class _Peer:
+    address: str
+    conn: Connection
+    since: float
+    agent: str | None = None  # set by the welcome
+    layout_hash: str | None = None
+    sends: dict[int, _Send] = field(default_factory=dict)  # by generation
+
+
+class Source:
+    def __init__(
+        self,
+        kv: KVCache,
+        transport: SourceTransport,
+        *,
+        agent_name: str,
+        backend: str,
+        handshake_timeout_s: float = 10.0,
+    ) -> None:
+        self.layout = kv.layout
+        self.backend = backend
+        self._agent_name = agent_name
+        self._transport = transport
+        self._handshake_timeout_s = handshake_timeout_s
+        self._peers: dict[str, _Peer] = {}  # by sink address
+        self._zombies: list[object] = []  # ops of lost peers, released once they stop
+        self._failures: dict[str, KVTransferError] = {}  # why a sink address was dropped
+        self._events: list[SourceEvent] = []
+
+    @property
+    def agent_name(self) -> str:
+        return self._agent_name
+
+    # ---- the caller's side --------------------------------------------------------------------
+    def connect(self, sink_address: str, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            peer = self._peers.get(sink_address)
+            if peer is None:
+                peer = self._open(sink_address)  # raises if nothing listens
+            if peer.agent is not None:
+                return
+            if time.monotonic() >= deadline:
+                raise HandshakeFailed(f"no answer from sink {sink_address} in {timeout_s} s")
+            self._service()
+            if sink_address not in self._peers:
+                raise self._failures.pop(sink_address, PeerLost(f"sink {sink_address} gone"))
+            self._wait(deadline)
+
+    def send(self, handle: KVHandle, src_block_ids: Sequence[int]) -> None:
+        src = [int(b) for b in src_block_ids]
+        runs = paired_runs(src, handle.block_ids)  # raises on a count mismatch
+        if not src or len(set(src)) != len(src):
+            raise ValueError("send() needs distinct source block ids")
+        if not all(0 <= b < self.layout.num_blocks for b in src):
+            raise ValueError(f"source block ids outside the pool of {self.layout.num_blocks}")
+        peer = self._peers.get(handle.sink_address)
+        if peer is not None and handle.generation in peer.sends:
+            raise ValueError(
+                f"transfer {handle.transfer_id!r} gen {handle.generation} is in flight"
+            )
+        num_bytes = len(src) * self.layout.block_bytes
+        s = _Send(handle, runs, num_bytes, time.monotonic())
+        if peer is None:
+            try:
+                peer = self._open(handle.sink_address)
+            except KVTransferError as e:
+                self._events.append(SendFailed(handle.transfer_id, handle.generation, e))
+                return
+        peer.sends[handle.generation] = s
+        if peer.agent is not None:
+            self._claim(peer, s)
+
+    def poll(self, timeout_s: float = 0.0) -> list[SourceEvent]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._service()
+            if self._events or time.monotonic() >= deadline:
+                break
+            self._wait(deadline)
+        events, self._events = self._events, []
+        return events
+
+    def close(self) -> None:
+        for peer in list(self._peers.values()):
+            self._lose_peer(peer, PeerLost("source closed"))
+        self._events.clear()
+        for op in self._zombies:
+            self._transport.release(op)
+        self._zombies.clear()
+        self._transport.close()
+
+    # ---- peers ----------------------------------------------------------------------------------
+    def _open(self, address: str) -> _Peer:
+        conn = connect(address, self._handshake_timeout_s)
+        peer = _Peer(address, conn, time.monotonic())
+        self._peers[address] = peer
+        self._failures.pop(address, None)
+        conn.send(
+            {
+                "op": "hello",
+                "v": PROTOCOL_VERSION,
+                "backend": self.backend,
+                "agent": self._agent_name,
+                "layout": layout_to_wire(self.layout),
+                "transport": self._transport.describe(),
+            }
+        )
+        return peer
+
+    def _lose_peer(self, peer: _Peer, error: KVTransferError) -> None:
+        """Fail every send of the peer and forget it; a posted write that may still run is
+        kept as a zombie and released once the transport says it stopped."""
+        peer.conn.close()
+        self._peers.pop(peer.address, None)
+        self._failures[peer.address] = error
+        for gen, s in peer.sends.items():
+            if s.op is not None and not self._transport.release(s.op):
+                self._zombies.append(s.op)
+            self._events.append(SendFailed(s.handle.transfer_id, gen, error))
+        peer.sends.clear()
+        if peer.agent is not None:
+            self._transport.remove_peer(peer.agent)
+
+    def _welcome(self, peer: _Peer, msg: Message) -> None:
+        agent = require(msg, "agent", str)
+        sink_layout = layout_from_wire(msg.get("layout"))
+        check_layouts(self.layout, sink_layout)
+        self._transport.add_peer(agent, require(msg, "transport", dict))
+        peer.agent, peer.layout_hash = agent, sink_layout.compatibility_hash()
+        for s in list(peer.sends.values()):
+            self._claim(peer, s)
+
+    def _claim(self, peer: _Peer, s: _Send) -> None:
+        h = s.handle
+        problem: KVTransferError | None = None
+        if h.layout_hash != peer.layout_hash:
+            problem = KVLayoutMismatch([f"layout_hash: {h.layout_hash} != {peer.layout_hash}"])
+        elif h.sink_agent != peer.agent:
+            problem = TransferAborted(f"handle is for agent {h.sink_agent}, sink is {peer.agent}")
+        if problem is not None:
+            del peer.sends[h.generation]
+            self._events.append(SendFailed(h.transfer_id, h.generation, problem))
+            return
+        segments = [n for _, _, n in s.runs]
+        peer.conn.send(
+            {"op": "claim", "tid": h.transfer_id, "gen": h.generation, "segments": segments}
+        )
+        s.stage = _Stage.CLAIMED
+
+    # ---- one round ------------------------------------------------------------------------------
+    def _service(self) -> None:
+        now = time.monotonic()
+        for peer in list(self._peers.values()):
+            try:
+                peer.conn.flush()
+                for msg in peer.conn.receive():
+                    self._handle(peer, msg)
+                if peer.agent is None and now - peer.since > self._handshake_timeout_s:
+                    raise HandshakeFailed(f"no welcome from {peer.address}")
+            except ConnectionClosed as e:
+                self._lose_peer(peer, PeerLost(f"sink {peer.address} lost: {e}"))
+            except KVTransferError as e:
+                self._lose_peer(peer, e)
+        for peer in list(self._peers.values()):
+            self._check_posted(peer)
+        self._zombies = [op for op in self._zombies if not self._transport.release(op)]
+
+    def _wait(self, deadline: float) -> None:
+        posted = sum(
+            s.stage is _Stage.POSTED for p in self._peers.values() for s in p.sends.values()
+        )
+        fds, tick = self._transport.wait_spec(posted + len(self._zombies))
+        timeout = max(0.0, deadline - time.monotonic())
+        if tick is not None:
+            timeout = min(timeout, tick)
+        conns = [p.conn for p in self._peers.values()]
+        select.select([*conns, *fds], [c for c in conns if c.wants_write], [], timeout)
+
+    def _handle(self, peer: _Peer, msg: Message) -> None:
+        op = msg["op"]
+        if op == "welcome" and peer.agent is None:
+            self._welcome(peer, msg)
+            return
+        if op == "refuse":
+            differences = msg.get("differences") or []
+            if msg.get("kind") == "layout" and differences:
+                raise KVLayoutMismatch([str(d) for d in differences])
+            raise HandshakeFailed(f"sink {peer.address} refused: {msg.get('reason')}")
+        gen = require(msg, "gen", int)
+        s = peer.sends.get(gen)
+        if op == "grant":
+            if s is None or s.stage is not _Stage.CLAIMED:  # we gave up on it: say so
+                peer.conn.send(
+                    {"op": "failed", "tid": msg.get("tid"), "gen": gen, "reason": "gone"}
+                )
+            else:
+                self._post(peer, s)
+        elif op == "deny":
+            if s is not None:
+                self._finish(
+                    peer, s, TransferAborted(f"sink refused the claim: {msg.get('reason')}")
+                )
+        elif op == "abort":
+            if s is not None and s.stage is _Stage.POSTED:
+                s.abort_reason = str(
+                    msg.get("reason")
+                )  # ack once the write is over (_check_posted)
+                return
+            if s is not None:
+                self._finish(peer, s, TransferAborted(f"sink aborted: {msg.get('reason')}"))
+            peer.conn.send({"op": "ack", "tid": msg.get("tid"), "gen": gen})
+        else:
+            raise ConnectionClosed(f"unexpected message {op!r}")
+
+    def _post(self, peer: _Peer, s: _Send) -> None:
+        assert peer.agent is not None
+        try:
+            s.op = self._transport.post(peer.agent, s.handle.generation, s.runs)
+        except TransferFailed as e:
+            self._fail_posted(peer, s, e)
+            return
+        s.stage = _Stage.POSTED
+
+    def _check_posted(self, peer: _Peer) -> None:
+        for s in [s for s in peer.sends.values() if s.stage is _Stage.POSTED]:
+            if self._peers.get(peer.address) is not peer:
+                return  # lost while we were at it: its sends are failed already
+            try:
+                if not self._transport.check(s.op):
+                    continue
+            except TransferFailed as e:
+                self._fail_posted(peer, s, e)
+                continue
+            self._transport.release(s.op)
+            if s.abort_reason is None:
+                self._finish(peer, s, None)
+            else:  # the bytes went out but the sink had already given the transfer up
+                self._finish(peer, s, TransferAborted(f"sink aborted: {s.abort_reason}"))
+                self._send_quietly(peer, {"op": "ack", "gen": s.handle.generation})
+
+    def _fail_posted(self, peer: _Peer, s: _Send, error: TransferFailed) -> None:
+        if s.op is not None and not self._transport.release(s.op):
+            self._zombies.append(s.op)
+        self._finish(peer, s, error)
+        self._send_quietly(peer, {"op": "failed", "gen": s.handle.generation, "reason": str(error)})
+
+    def _finish(self, peer: _Peer, s: _Send, error: KVTransferError | None) -> None:
+        h = s.handle
+        del peer.sends[h.generation]
+        if error is None:
+            elapsed = time.monotonic() - s.started
+            self._events.append(SendDone(h.transfer_id, h.generation, s.num_bytes, elapsed))
+        else:
+            self._events.append(SendFailed(h.transfer_id, h.generation, error))
+
+    def _send_quietly(self, peer: _Peer, msg: Message) -> None:
+        try:
+            peer.conn.send(msg)
+        except ConnectionClosed as e:
+            self._lose_peer(peer, PeerLost(f"sink {peer.address} lost: {e}"))
