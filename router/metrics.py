@@ -42,6 +42,12 @@ class RouterMetrics:
             "plus the handling of each worker message",
             buckets=_OVERHEAD_BUCKETS_S, registry=r,
         )  # fmt: skip
+        self.dispatch_s = Histogram(
+            "tandem_router_dispatch_seconds",
+            "Request arrival to its Generate call (parse, validate, tokenize, route); part of "
+            "the overhead, including any wait for the router's event loop",
+            buckets=_OVERHEAD_BUCKETS_S, registry=r,
+        )  # fmt: skip
         self.ttft_s = Histogram(
             "tandem_router_time_to_first_token_seconds",
             "Request arrival to the first token received from the decode worker",

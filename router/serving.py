@@ -286,10 +286,13 @@ class Frontend:
         ticket = self.registry.begin(choice.request_id, decision, len(choice.prompt_ids))
         timing = plan.timing
         if choice.index == 0:
-            timing.overhead_s += time.perf_counter() - timing.arrival_s
+            dispatch_s = time.perf_counter() - timing.arrival_s
+            timing.overhead_s += dispatch_s
+            self.metrics.dispatch_s.observe(dispatch_s)
         call = client.generate(request, timeout_s=self.config.request_timeout_s)
         finished = False
         last_token_s: float | None = None
+        gaps_s: list[float] = []  # per token; observed once at the end, off the per-token path
         try:
             async for msg in call:  # waiting here is worker time
                 now = time.perf_counter()
@@ -301,11 +304,10 @@ class Frontend:
                             timing.first_token_s = now
                             self.metrics.ttft_s.observe(now - timing.arrival_s)
                     else:
-                        gap_s = (now - last_token_s) / len(delta.token_ids)
-                        for _ in delta.token_ids:
-                            self.metrics.itl_s.observe(gap_s)
+                        gaps_s.extend(
+                            [(now - last_token_s) / len(delta.token_ids)] * len(delta.token_ids)
+                        )
                     last_token_s = now
-                    self.metrics.generation_tokens.inc(len(delta.token_ids))
                 if delta.finish_reason is not None:
                     finished = True
                     self._on_finished(delta.finish_reason, delta.usage)
@@ -320,6 +322,9 @@ class Frontend:
             raise _rpc_error(exc, decision.decode_worker_id) from exc
         finally:
             self.registry.finish(ticket)
+            for gap_s in gaps_s:
+                self.metrics.itl_s.observe(gap_s)
+            self.metrics.generation_tokens.inc(ticket.context_tokens - len(choice.prompt_ids))
             if not finished:
                 call.cancel()
                 self._abort(decision.decode_worker_id, choice.request_id)
