@@ -155,6 +155,11 @@ class WorkerRegistry:
             result[s.worker.worker_id] = prefix_overlap(hashes, s.cached_hashes)
         return result
 
+    def mark_unreachable(self, worker_id: str, why: str) -> None:
+        """A call to the worker just failed as UNAVAILABLE: stop routing to it until its next
+        successful poll (at most load_interval_s away) instead of after it."""
+        self._set_reachable(self._workers[worker_id], False, why)
+
     # ------------------------------------------------------------ in-flight accounting
 
     def begin(self, request_id: str, decision: RouteDecision, num_prompt_tokens: int) -> Ticket:

@@ -319,6 +319,8 @@ class Frontend:
                 "without a finish reason"
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                self.registry.mark_unreachable(decision.decode_worker_id, str(exc.details()))
             raise _rpc_error(exc, decision.decode_worker_id) from exc
         finally:
             self.registry.finish(ticket)

@@ -340,3 +340,30 @@ def test_bench_serve_runs_against_the_router(cluster: LocalCluster) -> None:
     assert summary["prompt_len_mismatches"] == 0 and summary["output_len_mismatches"] == 0
     assert summary["slo_attainment"] == 1.0
     assert summary["ttft_s"]["p50"] > 0 and summary["itl_s"]["p50"] > 0
+
+
+def test_dead_decode_worker_means_503_with_retry_after(tiny_chat_model_dir: Path) -> None:  # noqa: F811
+    from deploy.local_cluster import stop_children
+
+    c = start_cluster(tiny_chat_model_dir, "collocated", 0, 1)
+    try:
+        wait_healthy(c.url)
+        body = {"model": "tiny", "prompt": "Hi", "max_tokens": 2}
+        assert httpx.post(f"{c.url}/v1/completions", json=body, timeout=60).status_code == 200
+        decode = next(child for child in c.children if child.name.startswith("decode"))
+        stop_children([decode])
+        c.children.remove(decode)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{c.url}/health").status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        health = httpx.get(f"{c.url}/health")
+        assert health.status_code == 503 and "retry-after" in health.headers
+        for stream in (False, True):
+            response = httpx.post(
+                f"{c.url}/v1/completions", json={**body, "stream": stream}, timeout=60
+            )
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["type"] == "service_unavailable"
+            assert int(response.headers["retry-after"]) >= 1
+    finally:
+        c.stop()
