@@ -367,3 +367,25 @@ def test_dead_decode_worker_means_503_with_retry_after(tiny_chat_model_dir: Path
             assert int(response.headers["retry-after"]) >= 1
     finally:
         c.stop()
+
+
+def test_stop_strings_and_text_part_content(cluster: LocalCluster) -> None:
+    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    text = httpx.post(f"{cluster.url}/v1/completions", json=body, timeout=60).json()
+    full = text["choices"][0]["text"]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop.strip()
+    cut = httpx.post(f"{cluster.url}/v1/completions", json={**body, "stop": [stop]}, timeout=60)
+    choice = cut.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["stop_reason"] == stop
+    assert choice["text"] == full[: full.index(stop)]
+
+    chat = {"model": "tiny", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    plain = [{"role": "user", "content": "Hello there"}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello there"}]}]
+    a, b = (
+        httpx.post(f"{cluster.url}/v1/chat/completions", json={**chat, "messages": m}, timeout=60)
+        for m in (plain, parts)
+    )
+    assert a.json()["choices"][0]["message"] == b.json()["choices"][0]["message"]
