@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +21,18 @@ class Role(enum.Enum):
     DECODE = "decode"
 
 
+_WORKER_ID = re.compile(r"[A-Za-z0-9_.:-]+")  # it goes into HTTP headers and metric labels
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerAddress:
     worker_id: str
     address: str  # host:port of the worker's gRPC server
     role: Role
+
+    def __post_init__(self) -> None:
+        if not _WORKER_ID.fullmatch(self.worker_id):
+            raise ValueError(f"worker id {self.worker_id!r} must match {_WORKER_ID.pattern}")
 
 
 @dataclass(frozen=True, slots=True)

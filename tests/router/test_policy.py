@@ -160,3 +160,16 @@ def test_policy_config_rejects_bad_values() -> None:
         PolicyConfig(local_prefill_max_tokens=-1)
     with pytest.raises(ValueError):
         PolicyConfig(prefill_saturated_tokens=0)
+
+
+def test_worker_specs_parse_and_validate() -> None:
+    from router.config import WorkerAddress, parse_workers
+
+    assert parse_workers("d0=127.0.0.1:5, d1=localhost:6", Role.DECODE) == (
+        WorkerAddress("d0", "127.0.0.1:5", Role.DECODE),
+        WorkerAddress("d1", "localhost:6", Role.DECODE),
+    )
+    assert parse_workers("", Role.PREFILL) == ()
+    for bad in ("d0", "d0=host", "=h:1", "d0=h:x", "dé=h:1", "d 0=h:1"):
+        with pytest.raises(ValueError):
+            parse_workers(bad, Role.DECODE)
