@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--decode", type=int, default=1, help="decode workers")
     serve.add_argument("--mode", default="disagg", choices=["disagg", "collocated", "auto"])
     serve.set_defaults(func=cmd_serve)
+
+    from bench import serve as bench_serve
+
+    bench = sub.add_parser("bench", help="benchmark clients")
+    bench_serve.add_parser(bench.add_subparsers(dest="bench_command", required=True))
     return parser
 
 
