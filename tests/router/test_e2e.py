@@ -20,7 +20,6 @@ import httpx
 import pytest
 
 from deploy.local_cluster import ClusterConfig, LocalCluster
-from tests.integration.conftest import tiny_chat_model_dir  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 HAVE_DECODE = (REPO / "decode_worker" / "__main__.py").exists()
@@ -68,7 +67,7 @@ def start_cluster(model_dir: Path, mode: str, num_prefill: int, num_decode: int)
 
 
 @pytest.fixture(scope="module", params=MODES)
-def cluster(request: pytest.FixtureRequest, tiny_chat_model_dir: Path) -> Iterator[LocalCluster]:  # noqa: F811
+def cluster(request: pytest.FixtureRequest, tiny_chat_model_dir: Path) -> Iterator[LocalCluster]:
     mode, num_prefill = request.param
     c = start_cluster(tiny_chat_model_dir, mode, num_prefill, 1)
     try:
@@ -79,7 +78,7 @@ def cluster(request: pytest.FixtureRequest, tiny_chat_model_dir: Path) -> Iterat
 
 
 @pytest.fixture(scope="module")
-def offline(tiny_chat_model_dir: Path) -> Any:  # noqa: F811
+def offline(tiny_chat_model_dir: Path) -> Any:
     from engine import LLM
 
     return LLM(str(tiny_chat_model_dir), max_model_len=512, num_blocks=256)
@@ -297,7 +296,7 @@ def test_router_overhead_is_exported(cluster: LocalCluster) -> None:
     assert count is not None and float(count.group(1)) > 0
 
 
-def test_shared_prefix_goes_to_the_worker_that_caches_it(tiny_chat_model_dir: Path) -> None:  # noqa: F811
+def test_shared_prefix_goes_to_the_worker_that_caches_it(tiny_chat_model_dir: Path) -> None:
     """Two decode workers (collocated): a request sharing a long prefix with an earlier one
     lands where that prefix is cached (seen through KV events), and only the suffix is computed."""
     c = start_cluster(tiny_chat_model_dir, "collocated", 0, 2)
@@ -342,7 +341,7 @@ def test_bench_serve_runs_against_the_router(cluster: LocalCluster) -> None:
     assert summary["ttft_s"]["p50"] > 0 and summary["itl_s"]["p50"] > 0
 
 
-def test_dead_decode_worker_means_503_with_retry_after(tiny_chat_model_dir: Path) -> None:  # noqa: F811
+def test_dead_decode_worker_means_503_with_retry_after(tiny_chat_model_dir: Path) -> None:
     from deploy.local_cluster import stop_children
 
     c = start_cluster(tiny_chat_model_dir, "collocated", 0, 1)
