@@ -27,7 +27,7 @@ from kv_transfer.source import Source
 from kv_transfer.transport import Arrival, PoolInfo, Run
 
 try:
-    from nixl_cu13 import _bindings as nixl_bindings
+    import nixl_cu13._bindings as nixl_bindings
     from nixl_cu13._api import nixl_agent, nixl_agent_config
 except ImportError as e:  # the registry turns this into a clear message
     raise BackendUnavailable(

@@ -140,9 +140,9 @@ class Sink:
                 self._events += events
                 if fenced is not None:
                     self._tell_abort(fenced)
-        events, fenced = self._ledger.expire(now)
-        self._events += events
-        for t in fenced:
+        expired, to_abort = self._ledger.expire(now)
+        self._events += expired
+        for t in to_abort:
             self._tell_abort(t)
         self._events += self._ledger.release_ready(now)
 
@@ -154,7 +154,8 @@ class Sink:
             timeout = min(timeout, tick)
         conns = [*self._fresh, *self._peers.values()]
         writers = [c for c in conns if c.wants_write]
-        select.select([self._listener, *conns, *fds], writers, [], timeout)
+        readers = [self._listener.fileno(), *(c.fileno() for c in conns), *fds]
+        select.select(readers, [c.fileno() for c in writers], [], timeout)
 
     def _accept(self) -> None:
         while True:

@@ -239,7 +239,8 @@ class Source:
         if tick is not None:
             timeout = min(timeout, tick)
         conns = [p.conn for p in self._peers.values()]
-        select.select([*conns, *fds], [c for c in conns if c.wants_write], [], timeout)
+        writers = [c.fileno() for c in conns if c.wants_write]
+        select.select([*(c.fileno() for c in conns), *fds], writers, [], timeout)
 
     def _handle(self, peer: _Peer, msg: Message) -> None:
         op = msg["op"]

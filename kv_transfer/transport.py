@@ -107,7 +107,7 @@ class SourceTransport(Protocol):
 
     def remove_peer(self, agent: str) -> None: ...
 
-    def post(self, agent: str, generation: int, runs: Sequence[Run]) -> object:
+    def post(self, agent: str, generation: int, runs: list[Run]) -> object:
         """Start writing the runs into the sink; returns an op for check() (TransferFailed)."""
         ...
 

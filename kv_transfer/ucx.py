@@ -172,6 +172,7 @@ class UcxSourceTransport:
         self._context, self._worker = _worker()
         self._blocks = block_bytes_view(kv.pool)
         self._endpoints: dict[str, Any] = {}
+        self._dead: list[Any] = []
 
     def describe(self) -> dict[str, Any]:
         return {}
@@ -186,8 +187,14 @@ class UcxSourceTransport:
 
     def remove_peer(self, agent: str) -> None:
         endpoint = self._endpoints.pop(agent, None)
-        if endpoint is not None:
+        if endpoint is None:
+            return
+        if endpoint.alive:
             endpoint.close()  # cancels its in-flight sends
+        else:
+            # ucxx 0.52 segfaults closing (or destroying) an endpoint that UCX already failed:
+            # keep it referenced; its requests have completed with errors anyway.
+            self._dead.append(endpoint)
 
     def post(self, agent: str, generation: int, runs: list[Run]) -> _Outbound:
         endpoint = self._endpoints[agent]

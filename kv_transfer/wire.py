@@ -75,18 +75,25 @@ class Connection:
             del self._wbuf[:n]
 
     def receive(self) -> list[Message]:
-        """Messages that arrived so far (maybe none). Raises ConnectionClosed on EOF."""
+        """Messages that arrived so far (maybe none). Raises ConnectionClosed at EOF, once the
+        messages sent before it (a refusal, say) have been returned."""
+        closed: str | None = None
         while True:
             try:
                 chunk = self.sock.recv(_RECV_CHUNK)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
-                raise ConnectionClosed(f"recv failed: {e}") from e
+                closed = f"recv failed: {e}"
+                break
             if not chunk:
-                raise ConnectionClosed("closed by peer")
+                closed = "closed by peer"
+                break
             self._rbuf += chunk
-        return self._parse()
+        messages = self._parse()
+        if closed is not None and not messages:
+            raise ConnectionClosed(closed)
+        return messages
 
     def _parse(self) -> list[Message]:
         out: list[Message] = []
