@@ -9,6 +9,8 @@ from decode_worker.servicer import DecodeServicer
 from engine.args import add_engine_args, engine_args_from
 from engine.async_engine import AsyncEngine
 from engine.engine import Engine
+from kv_transfer import registry
+from kv_transfer.endpoint_thread import SinkThread
 from proto import tandem_pb2_grpc as pb_grpc
 from runtime import worker_rpc
 from runtime.grpc_server import new_server, serve_until_signalled
@@ -21,6 +23,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0: any free port (printed on READY)")
     p.add_argument("--worker-id", default="decode-0")
+    p.add_argument("--kv-backend", default=registry.DEFAULT_BACKEND, choices=registry.names())
+    p.add_argument(
+        "--kv-lease-s", type=float, default=30.0, help="how long reserved blocks wait for KV"
+    )
     return p.parse_args(argv)
 
 
@@ -29,7 +35,16 @@ async def amain(ns: argparse.Namespace) -> None:
         raise SystemExit("decode_worker: --model is required")
     config = engine_args_from(ns, ns.model).resolve()
     tokenizer = Tokenizer.from_dir(config.model_dir)
-    engine = AsyncEngine(Engine(config, tokenizer), asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    core = Engine(config, tokenizer)
+    engine = AsyncEngine(core, loop)
+    # the sink's control channel binds the same host as the gRPC server (loopback by default)
+    sink = SinkThread(
+        registry.make_sink(
+            ns.kv_backend, core.runner.kv_cache, agent_name=ns.worker_id, host=ns.host
+        ),
+        loop,
+    )
     identity = worker_rpc.WorkerIdentity(
         worker_id=ns.worker_id,
         role="decode",
@@ -39,9 +54,12 @@ async def amain(ns: argparse.Namespace) -> None:
         max_model_len=config.max_model_len,
     )
     server = new_server()
-    pb_grpc.add_DecodeWorkerServicer_to_server(DecodeServicer(identity, engine), server)
+    servicer = DecodeServicer(identity, engine, sink, lease_s=ns.kv_lease_s)
+    pb_grpc.add_DecodeWorkerServicer_to_server(servicer, server)
 
     async def stop() -> None:
+        await servicer.prefill_clients.close()
+        sink.close()
         engine.shutdown()
 
     await serve_until_signalled(server, ns.host, ns.port, ns.worker_id, on_stop=stop)

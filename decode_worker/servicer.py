@@ -1,27 +1,70 @@
 """DecodeWorker gRPC service: streams a request's tokens, prefilling locally or receiving the
-prompt's KV from a prefill worker (see the remote path in `_remote_prefill`)."""
+prompt's KV from a prefill worker (the remote path in `_remote_prefill`).
+
+Block ownership on the remote path: blocks are reserved in the engine, leased to the sink
+(`expect`), and end in exactly one of two places: `admit_prefilled` once the KV landed (the
+request owns them), or `cancel_kv_reservation` after the sink's KVReleased says no write of
+the transfer can land any more (fencing). Nothing else frees them.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
 import grpc
 
 from engine.async_engine import AsyncEngine
+from engine.block_manager import OutOfBlocks
 from engine.engine import Engine
 from engine.outputs import RequestOutput
+from engine.plan import TokenLogprob
 from engine.sampling_params import SamplingParams
+from kv_transfer.base import KVHandle, KVLost
+from kv_transfer.endpoint_thread import SinkThread
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
 from runtime import worker_rpc
 from runtime.wire import FINISH_REASONS, logprob_to_proto, sampling_kwargs
 
 
+class RemotePrefillFailed(RuntimeError):
+    """The prompt's KV could not be obtained from the prefill worker."""
+
+
+class PrefillClients:
+    """One gRPC channel per prefill worker address, opened on first use."""
+
+    def __init__(self) -> None:
+        self._stubs: dict[str, pb_grpc.PrefillWorkerStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+
+    def stub(self, address: str) -> pb_grpc.PrefillWorkerStub:
+        if address not in self._stubs:
+            channel = grpc.aio.insecure_channel(address)
+            self._channels.append(channel)
+            self._stubs[address] = pb_grpc.PrefillWorkerStub(channel)
+        return self._stubs[address]
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+
+
 class DecodeServicer(pb_grpc.DecodeWorkerServicer):
-    def __init__(self, identity: worker_rpc.WorkerIdentity, engine: AsyncEngine) -> None:
+    def __init__(
+        self,
+        identity: worker_rpc.WorkerIdentity,
+        engine: AsyncEngine,
+        sink: SinkThread | None,
+        lease_s: float = 30.0,
+    ) -> None:
         self.identity = identity
         self.engine = engine
+        self.sink = sink
+        self.lease_s = lease_s  # how long reserved blocks wait for the prefill worker's KV
+        self.prefill_clients = PrefillClients()
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -33,25 +76,92 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
         rid = request.request_id
         if not rid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
-        where = request.prefill.WhichOneof("where")
-        if where == "remote":
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED, "remote prefill needs kv_transfer (issue 3)"
-            )
+        prompt = list(request.prompt_token_ids)
         start = time.monotonic()
-        outputs = self.engine.generate(rid, list(request.prompt_token_ids), params)
-        num_tokens = 0
+        kv_transfer_s = 0.0
         try:
+            if request.prefill.WhichOneof("where") == "remote":
+                outputs, kv_transfer_s = await self._remote_prefill(request, prompt, params)
+            else:
+                outputs = self.engine.generate(rid, prompt, params)
+            num_tokens = 0
             async for out in outputs:
                 msg = _to_proto(out)
                 if num_tokens == 0:
                     msg.prefill_s = time.monotonic() - start
+                    msg.kv_transfer_s = kv_transfer_s
                 num_tokens += len(out.new_token_ids)
                 if out.finished:
                     msg.usage.completion_tokens = num_tokens
                 yield msg
         except ValueError as e:  # the engine refused the request (prompt too long, bad ids...)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except OutOfBlocks as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except RemotePrefillFailed as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+    async def _remote_prefill(
+        self, request: pb.GenerateRequest, prompt: list[int], params: SamplingParams
+    ) -> tuple[AsyncIterator[RequestOutput], float]:
+        """Reserve blocks, have the prefill worker write the prompt's KV into them, admit.
+
+        Returns the request's output stream (its first output is the prefill worker's token)
+        and the time the KV took to land after prefill (seconds).
+        """
+        if self.sink is None:
+            raise RemotePrefillFailed("this decode worker has no KV sink (started without one)")
+        rid = request.request_id
+        # validate before reserving: the engine would refuse the same things at admission
+        await self.engine.call(lambda e: e.check_request(prompt, params))
+        blocks = await self.engine.call(lambda e: e.reserve_kv(rid, len(prompt)))
+        admitted = False
+        try:
+            handle = await self.sink.expect(rid, blocks, self.lease_s)
+            remote = request.prefill.remote
+            prefill_req = pb.PrefillRequest(
+                request_id=rid,
+                prompt_token_ids=prompt,
+                sampling=request.sampling,
+                kv=_handle_to_proto(handle),
+                deadline_unix_s=request.deadline_unix_s,
+            )
+            try:
+                reply = await self.prefill_clients.stub(remote.prefill_address).Prefill(
+                    prefill_req, timeout=self.lease_s
+                )
+            except grpc.aio.AioRpcError as e:
+                raise RemotePrefillFailed(
+                    f"prefill worker {remote.prefill_worker_id} failed: "
+                    f"{e.code().name}: {e.details()}"
+                ) from e
+            outcome = await self.sink.outcome(rid)
+            if isinstance(outcome, KVLost):
+                raise RemotePrefillFailed(
+                    f"KV did not land: {outcome.reason.value}: {outcome.detail}"
+                )
+            first_logprob = None
+            if reply.HasField("first_logprob"):
+                lp = reply.first_logprob
+                top = tuple(zip(lp.top_token_ids, lp.top_logprobs, strict=True))
+                first_logprob = TokenLogprob(lp.token_id, lp.logprob, top)
+            outputs = await self.engine.admit_prefilled(
+                rid, prompt, reply.first_token_id, params, first_logprob
+            )
+            admitted = True
+            return outputs, reply.kv_transfer_s
+        finally:
+            if not admitted:
+                # abort is a no-op for a transfer that already ended; the blocks are freed only
+                # once the sink has fenced the transfer (KVReleased), never earlier
+                asyncio.get_running_loop().create_task(self._release_after_fence(rid))
+
+    async def _release_after_fence(self, rid: str) -> None:
+        assert self.sink is not None
+        if self.sink.is_open(rid):  # else expect() failed or the KV landed: nothing to fence
+            await self.sink.abort(rid)
+            await self.sink.released(rid)
+        await self.engine.call(lambda e: e.cancel_kv_reservation(rid))
 
     async def Abort(
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
@@ -98,3 +208,14 @@ def _to_proto(out: RequestOutput) -> pb.GenerateResponse:
         msg.usage.prompt_tokens = out.num_prompt_tokens
         msg.usage.cached_tokens = out.num_cached_tokens
     return msg
+
+
+def _handle_to_proto(handle: KVHandle) -> pb.KVHandle:
+    return pb.KVHandle(
+        transfer_id=handle.transfer_id,
+        sink_agent=handle.sink_agent,
+        block_ids=handle.block_ids,
+        generation=handle.generation,
+        layout_hash=handle.layout_hash,
+        sink_address=handle.sink_address,
+    )

@@ -12,6 +12,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,8 +138,17 @@ def wait_ready(child: Child, timeout_s: float) -> str:
         parts = child.proc.stdout.readline().split()
         if len(parts) == 3 and parts[0] == "READY":
             child.address = parts[2]
+            # keep draining: a child blocks forever once its unread stdout pipe is full
+            threading.Thread(target=_forward, args=(child,), daemon=True).start()
             return child.address
     raise TimeoutError(f"{child.name} not ready after {timeout_s} s")
+
+
+def _forward(child: Child) -> None:
+    assert child.proc.stdout is not None
+    with contextlib.suppress(ValueError, OSError):  # the pipe is closed by stop_children
+        for line in child.proc.stdout:
+            sys.stderr.write(f"[{child.name}] {line}")
 
 
 def stop_children(children: list[Child], timeout_s: float = 15.0) -> None:

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from engine.engine import Engine
 from engine.outputs import RequestOutput
+from engine.plan import TokenLogprob
 from engine.sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -145,12 +146,18 @@ class AsyncEngine:
         prompt_token_ids: Sequence[int],
         first_token_id: int,
         params: SamplingParams,
+        first_logprob: TokenLogprob | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Decode role: admit a request whose prompt KV is in its reserved blocks; stream it."""
+        """Decode role: admit a request whose prompt KV is in its reserved blocks (eagerly:
+        when this returns the request owns the blocks) and return its output stream."""
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
         stream = self._streams[request_id] = asyncio.Queue()
 
         def admit(engine: Engine) -> list[RequestOutput]:
-            return engine.admit_prefilled(request_id, prompt_token_ids, first_token_id, params)
+            return engine.admit_prefilled(
+                request_id, prompt_token_ids, first_token_id, params, first_logprob
+            )
 
         try:
             for out in await self.call(admit):
@@ -158,8 +165,7 @@ class AsyncEngine:
         except BaseException:
             self._streams.pop(request_id, None)
             raise
-        async for out in self._drain(request_id, stream):
-            yield out
+        return self._drain(request_id, stream)
 
     async def _stream(
         self, request_id: str, add: Callable[[Engine], None]

@@ -68,10 +68,11 @@ class Engine:
         prompt_token_ids: Sequence[int],
         first_token_id: int,
         params: SamplingParams,
+        first_logprob: TokenLogprob | None = None,
     ) -> list[RequestOutput]:
         """Decode role: the prompt's KV has landed in the reserved blocks; `first_token_id`
-        was sampled by the prefill side. Returns the output for that first token (which may
-        already finish the request)."""
+        (and its logprob, when asked for) was sampled by the prefill side. Returns the output
+        for that first token (which may already finish the request)."""
         req = self._new_request(request_id, prompt_token_ids, params, False)
         req.token_ids.append(first_token_id)
         self._open_stream(req)
@@ -80,7 +81,8 @@ class Engine:
             self.scheduler.finish(req, FinishReason.STOP, stop_reason=first_token_id)
         elif req.num_output_tokens >= req.max_tokens:
             self.scheduler.finish(req, FinishReason.LENGTH)
-        return self._outputs([req], StepResult({request_id: first_token_id}, {}))
+        logprobs = {request_id: first_logprob} if first_logprob is not None else {}
+        return self._outputs([req], StepResult({request_id: first_token_id}, logprobs))
 
     def release_kv(self, request_id: str) -> None:
         """Prefill role: the hand-off is done (or failed); free the held blocks."""
@@ -112,6 +114,25 @@ class Engine:
     ) -> Request:
         if request_id in self.scheduler.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        prompt, room = self.check_request(prompt_token_ids, params)
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        return Request(
+            request_id=request_id,
+            prompt_token_ids=prompt,
+            params=params,
+            max_tokens=room if params.max_tokens is None else min(params.max_tokens, room),
+            stop_token_ids=eos | frozenset(params.stop_token_ids),
+            arrival_s=time.monotonic(),
+            hold_kv_on_finish=hold_kv_on_finish,
+        )
+
+    def check_request(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> tuple[tuple[int, ...], int]:
+        """Raise ValueError for anything this engine cannot serve; changes nothing.
+
+        Returns the prompt as a tuple and the room left for output tokens.
+        """
         if params.n != 1:
             raise ValueError("the engine takes n == 1; expand n > 1 into separate requests")
         prompt = tuple(int(t) for t in prompt_token_ids)
@@ -130,16 +151,7 @@ class Engine:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
-        eos = frozenset() if params.ignore_eos else self.eos_token_ids
-        return Request(
-            request_id=request_id,
-            prompt_token_ids=prompt,
-            params=params,
-            max_tokens=room if params.max_tokens is None else min(params.max_tokens, room),
-            stop_token_ids=eos | frozenset(params.stop_token_ids),
-            arrival_s=time.monotonic(),
-            hold_kv_on_finish=hold_kv_on_finish,
-        )
+        return prompt, room
 
     def _open_stream(self, req: Request) -> None:
         if self.tokenizer is not None:

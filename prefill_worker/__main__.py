@@ -1,0 +1,64 @@
+"""`python -m prefill_worker`: a prefill worker (gRPC PrefillWorker service + KV source)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from engine.args import add_engine_args, engine_args_from
+from engine.async_engine import AsyncEngine
+from engine.engine import Engine
+from kv_transfer import registry
+from kv_transfer.endpoint_thread import SourceThread
+from prefill_worker.servicer import PrefillServicer
+from proto import tandem_pb2_grpc as pb_grpc
+from runtime import worker_rpc
+from runtime.grpc_server import new_server, serve_until_signalled
+from runtime.tokenizer import Tokenizer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="prefill_worker", description=__doc__)
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0: any free port (printed on READY)")
+    p.add_argument("--worker-id", default="prefill-0")
+    p.add_argument("--kv-backend", default=registry.DEFAULT_BACKEND, choices=registry.names())
+    return p.parse_args(argv)
+
+
+async def amain(ns: argparse.Namespace) -> None:
+    if ns.model is None:
+        raise SystemExit("prefill_worker: --model is required")
+    config = engine_args_from(ns, ns.model).resolve()
+    tokenizer = Tokenizer.from_dir(config.model_dir)
+    loop = asyncio.get_running_loop()
+    core = Engine(config, tokenizer)
+    engine = AsyncEngine(core, loop)
+    source = SourceThread(
+        registry.make_source(ns.kv_backend, core.runner.kv_cache, agent_name=ns.worker_id), loop
+    )
+    identity = worker_rpc.WorkerIdentity(
+        worker_id=ns.worker_id,
+        role="prefill",
+        model=str(config.model_dir),
+        block_size=config.block_size,
+        max_num_seqs=config.max_num_seqs,
+        max_model_len=config.max_model_len,
+    )
+    server = new_server()
+    pb_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(identity, engine, source), server)
+
+    async def stop() -> None:
+        source.close()
+        engine.shutdown()
+
+    await serve_until_signalled(server, ns.host, ns.port, ns.worker_id, on_stop=stop)
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(amain(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""PrefillWorker gRPC service: compute a prompt's KV, sample its first token, WRITE the KV
+into the decode worker's reserved blocks, then free our copy.
+
+Block ownership: the request's blocks stay pinned in our engine after it finishes
+(hold_kv_on_finish) until the send has ended one way or the other; `release_kv` in the
+`finally` below is their one free path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from engine.async_engine import AsyncEngine
+from engine.engine import Engine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from kv_transfer.base import KVHandle, SendFailed
+from kv_transfer.endpoint_thread import SourceThread
+from proto import tandem_pb2 as pb
+from proto import tandem_pb2_grpc as pb_grpc
+from runtime import worker_rpc
+from runtime.wire import logprob_to_proto, sampling_kwargs
+
+
+class PrefillServicer(pb_grpc.PrefillWorkerServicer):
+    def __init__(
+        self, identity: worker_rpc.WorkerIdentity, engine: AsyncEngine, source: SourceThread
+    ) -> None:
+        self.identity = identity
+        self.engine = engine
+        self.source = source
+
+    async def Prefill(
+        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrefillResponse:
+        rid = request.request_id
+        try:
+            params = SamplingParams(**sampling_kwargs(request.sampling))
+            handle = _handle_from_proto(request.kv)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        # The first token only: stop strings and later limits are the decode worker's business.
+        first_params = dataclasses.replace(
+            params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=()
+        )
+        start = time.monotonic()
+        last: RequestOutput | None = None
+        try:
+            async for out in self.engine.generate(
+                rid, list(request.prompt_token_ids), first_params, hold_kv_on_finish=True
+            ):
+                last = out
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        assert last is not None and last.finished
+        prefill_s = time.monotonic() - start
+        try:
+            held = last.held_block_ids
+            if len(held) != len(handle.block_ids):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the KV handle has {len(handle.block_ids)} blocks; "
+                    f"the prompt needs {len(held)}",
+                )
+            result = await self.source.send(handle, held)
+        finally:
+            await self.engine.call(lambda engine: engine.release_kv(rid))
+        if isinstance(result, SendFailed):
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {result.error}")
+        response = pb.PrefillResponse(
+            request_id=rid,
+            first_token_id=last.new_token_ids[0],
+            cached_tokens=last.num_cached_tokens,
+            prefill_s=prefill_s,
+            kv_transfer_s=result.elapsed_s,
+        )
+        if last.new_logprobs:
+            lp = last.new_logprobs[0]
+            response.first_logprob.CopyFrom(logprob_to_proto(lp.token_id, lp.logprob, lp.top))
+        return response
+
+    async def Abort(
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortResponse:
+        def abort(engine: Engine) -> bool:
+            found = request.request_id in engine.scheduler.requests
+            engine.abort(request.request_id)
+            return found
+
+        return pb.AbortResponse(found=await self.engine.call(abort))
+
+    async def Health(
+        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HealthResponse:
+        return worker_rpc.health(self.identity, self.engine)
+
+    async def Load(
+        self, request: pb.LoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.WorkerLoad:
+        return worker_rpc.load(self.identity, self.engine)
+
+    async def KVEvents(
+        self, request: pb.KVEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.KVEvent]:
+        async for event in worker_rpc.kv_events(self.engine):
+            yield event
+
+
+def _handle_from_proto(msg: pb.KVHandle) -> KVHandle:
+    if not msg.transfer_id or not msg.sink_address or not msg.block_ids:
+        raise ValueError("the request carries no usable KV handle")
+    return KVHandle(
+        transfer_id=msg.transfer_id,
+        sink_agent=msg.sink_agent,
+        block_ids=tuple(msg.block_ids),
+        generation=msg.generation,
+        layout_hash=msg.layout_hash,
+        sink_address=msg.sink_address,
+    )
