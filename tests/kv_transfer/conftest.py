@@ -11,7 +11,7 @@ import pytest
 
 from tests.kv_transfer.peer import Peer
 
-# 4 layers x 2 (k|v) x 16 tokens x 2 heads x 64 dims x 4 B = 128 KiB blocks, a 32 MiB pool
+# 4 layers x 2 (k|v) x 16 tokens x 2 heads x 64 dims x 4 B = 64 KiB blocks, a 16 MiB pool
 LAYOUT: dict[str, Any] = {
     "model": "tiny-llama",
     "dtype": "float32",

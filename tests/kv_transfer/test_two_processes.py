@@ -192,7 +192,7 @@ def wait_drained(peer: Peer, timeout_s: float = 10.0) -> Reply:
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", ["source", "sink"])
 def test_kill_while_bytes_are_moving(pair: Pair, victim: str) -> None:
-    """No gate: kill -9 one side ~20 ms after 24 MiB of writes started; the survivor's
+    """No gate: kill -9 one side ~20 ms after 12 MiB of writes started; the survivor's
     accounts balance (each block landed or was released exactly once) and it stays usable."""
     survivor_kinds: list[str] = []
     for _ in range(3):
