@@ -68,10 +68,10 @@ lint: $(VENV_STAMP) ## ruff check, ruff format --check, mypy, import-linter cont
 test: $(VENV_STAMP) model lint ## venv + model, then lint, then the test suite
 	$(TEST_ENV) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# For now an interactive chat on the offline engine (prompts from stdin, one per line).
-# Once serving lands this target will start the cluster (router + prefill/decode pools) instead.
-serve: $(VENV_STAMP) model ## Interactive chat with the default model (will start the cluster once serving lands)
-	$(TEST_ENV) $(BIN)/tandem generate --chat $(SERVE_ARGS)
+# The cluster: router on 127.0.0.1:8000, one prefill and one decode worker, the default model.
+# Extra flags: make serve SERVE_ARGS='--mode auto --decode 2'
+serve: $(VENV_STAMP) model ## Serve the default model: router on 127.0.0.1:8000, 1 prefill + 1 decode worker
+	$(TEST_ENV) $(BIN)/tandem serve $(SERVE_ARGS)
 
 clean: ## Remove the venv and build/cache dirs (keeps the model cache in .cache/)
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
