@@ -19,6 +19,7 @@ from engine.engine import Engine
 from engine.outputs import RequestOutput
 from engine.plan import TokenLogprob
 from engine.sampling_params import SamplingParams
+from engine.stats import StepStats
 
 T = TypeVar("T")
 
@@ -45,9 +46,17 @@ class KVCacheEvent:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        loop: asyncio.AbstractEventLoop,
+        on_step: Callable[[StepStats], None] | None = None,
+    ) -> None:
+        """on_step: called on the engine thread after every non-empty step, before its
+        outputs reach the event loop (a metrics exporter; it must be thread-safe and quick)."""
         self.engine = engine
         self.loop = loop
+        self._on_step = on_step
         self._commands: queue.SimpleQueue[Callable[[Engine], None] | None] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}  # loop only
         self._kv_subscribers: set[asyncio.Queue[KVCacheEvent]] = set()  # loop only
@@ -72,6 +81,9 @@ class AsyncEngine:
                     block = False
                 outputs = self.engine.step()
                 self.load = self._snapshot()
+                stats = self.engine.last_step_stats
+                if stats is not None and self._on_step is not None:
+                    self._on_step(stats)
                 stored, removed = self.engine.block_manager.drain_events()
                 if outputs or stored or removed:
                     event = KVCacheEvent(tuple(stored), tuple(removed))

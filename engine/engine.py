@@ -14,6 +14,7 @@ from engine.plan import StepResult, TokenLogprob
 from engine.request import FinishReason, Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
+from engine.stats import StepStats, step_stats
 from engine.text_stream import TextStream
 from runtime.tokenizer import Tokenizer
 
@@ -28,6 +29,7 @@ class Engine:
         )
         self.scheduler = Scheduler(config, self.block_manager)
         self.streams: dict[str, TextStream] = {}
+        self.last_step_stats: StepStats | None = None  # of the latest step() call
         self.eos_token_ids = frozenset(config.model.eos_token_ids) | (
             tokenizer.eos_token_ids if tokenizer is not None else frozenset()
         )
@@ -75,6 +77,7 @@ class Engine:
         for that first token (which may already finish the request)."""
         req = self._new_request(request_id, prompt_token_ids, params, False)
         req.token_ids.append(first_token_id)
+        req.scheduled_s = req.arrival_s  # it never queues here: its prompt was computed elsewhere
         self._open_stream(req)
         self.scheduler.admit_prefilled(req)
         if first_token_id in req.stop_token_ids:
@@ -90,12 +93,18 @@ class Engine:
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One step. Sets `last_step_stats` (for a metrics exporter): None when it was empty."""
+        started_s = time.monotonic()
+        self.last_step_stats = None
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
+        row_requests = [self.scheduler.requests[row.request_id] for row in plan.rows]
         result = self.runner.execute(plan)
         touched = self.scheduler.update(plan, result)
-        return self._outputs(touched, result)
+        outputs = self._outputs(touched, result)
+        self.last_step_stats = step_stats(plan, row_requests, started_s, time.monotonic())
+        return outputs
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0

@@ -40,7 +40,7 @@ class Request:
     params: SamplingParams
     max_tokens: int  # resolved: min(params.max_tokens, max_model_len - prompt length)
     stop_token_ids: frozenset[int]  # EOS ids (unless ignore_eos) + params.stop_token_ids
-    arrival_s: float
+    arrival_s: float  # time.monotonic() when the engine took it
     hold_kv_on_finish: bool = False  # prefill role: blocks stay pinned until released
     token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
@@ -50,6 +50,9 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)  # of full blocks of token_ids
     num_committed_blocks: int = 0
     num_preemptions: int = 0
+    # time.monotonic() of the first step that scheduled it (queue time = this - arrival_s);
+    # set at admission for a remote-prefilled request, which never queues here
+    scheduled_s: float | None = None
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
 
