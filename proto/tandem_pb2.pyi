@@ -569,11 +569,14 @@ class HealthResponse(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     READY_FIELD_NUMBER: _builtins.int
+    METRICS_ADDRESS_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     role: _builtins.str
     """"prefill" | "decode" """
     model: _builtins.str
     ready: _builtins.bool
+    metrics_address: _builtins.str
+    """host:port of its Prometheus /metrics ("": none)"""
     def __init__(
         self,
         *,
@@ -581,10 +584,11 @@ class HealthResponse(_message.Message):
         role: _builtins.str = ...,
         model: _builtins.str = ...,
         ready: _builtins.bool = ...,
+        metrics_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "ready", b"ready", "role", b"role", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics_address", b"metrics_address", "model", b"model", "ready", b"ready", "role", b"role", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -45,6 +45,7 @@ class WorkerIdentity:
     block_size: int
     max_num_seqs: int
     max_model_len: int
+    metrics_address: str = ""  # host:port of the worker's Prometheus /metrics; "": none
 
 
 def health(identity: WorkerIdentity, engine: EngineView) -> pb.HealthResponse:
@@ -53,6 +54,7 @@ def health(identity: WorkerIdentity, engine: EngineView) -> pb.HealthResponse:
         role=identity.role,
         model=identity.model,
         ready=engine.error is None,
+        metrics_address=identity.metrics_address,
     )
 
 
