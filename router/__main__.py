@@ -1,7 +1,9 @@
-"""`python -m router --model DIR --decode ID=host:port[,..] [--prefill ...] [--mode auto]`.
+"""`python -m router --model DIR [--decode ID=host:port[,..]] [--prefill ...] [--mode auto]`.
 
 Config is built here, once, into a frozen RouterConfig; uvicorn runs the app on 127.0.0.1 unless
 told otherwise. Prints `READY router host:port` once it is listening (--port 0: any free port).
+Workers are given here, or registered at run time through `/admin/workers` (router/admin.py);
+the admin key comes from --admin-key or $TANDEM_ADMIN_KEY.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="the `model` clients name (default: dir name)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: any free port (printed on READY)")
-    p.add_argument("--decode", required=True, help="decode workers: ID=host:port[,ID=host:port]")
+    p.add_argument(
+        "--decode", default="",
+        help="decode workers: ID=host:port[,ID=host:port] (more can register via /admin/workers)",
+    )  # fmt: skip
     p.add_argument("--prefill", default="", help="prefill workers: ID=host:port[,...]")
     p.add_argument("--mode", default="auto", choices=[m.value for m in Mode])
     p.add_argument(
@@ -46,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--request-timeout-s", type=float, default=600.0)
     p.add_argument("--load-interval-s", type=float, default=0.2)
+    p.add_argument(
+        "--admin-key", default=os.environ.get("TANDEM_ADMIN_KEY"),
+        help="bearer token for /admin/* (default: $TANDEM_ADMIN_KEY; unset: no auth)",
+    )  # fmt: skip
     p.add_argument("--log-level", default="info")
     return p
 
@@ -68,6 +78,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_model_len=args.max_model_len,
         request_timeout_s=args.request_timeout_s,
         load_interval_s=args.load_interval_s,
+        admin_key=args.admin_key or None,
     )
 
 

@@ -33,6 +33,9 @@ class WorkerAddress:
     def __post_init__(self) -> None:
         if not _WORKER_ID.fullmatch(self.worker_id):
             raise ValueError(f"worker id {self.worker_id!r} must match {_WORKER_ID.pattern}")
+        host, colon, port = self.address.rpartition(":")
+        if not colon or not host or not port.isdigit():
+            raise ValueError(f"worker address {self.address!r} must be host:port")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,9 @@ class RouterConfig:
     load_interval_s: float = 0.2  # how often each worker's Load is polled
     health_interval_s: float = 1.0
     rpc_timeout_s: float = 2.0  # Health, Load, Abort
+    # `/admin/*` (worker registration, pool targets) needs `Authorization: Bearer <admin_key>`;
+    # None: the admin API is open (the router binds loopback unless told otherwise).
+    admin_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         ids = [w.worker_id for w in (*self.decode_workers, *self.prefill_workers)]

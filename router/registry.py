@@ -5,6 +5,10 @@ Health (every health_interval_s), Load (every load_interval_s) and the KVEvents 
 set of block hashes in the worker's prefix cache). The router adds what no poll can tell in
 time: the requests it dispatched (Ticket), updated at dispatch, first token and finish.
 
+Pools change at run time (`router/admin.py`): `add` registers a worker or points a known one at
+its new address (a restarted worker), `drain` stops routing to it and removes it once nothing
+dispatched to it is in flight, `remove` drops it at once.
+
 Everything here runs on one event loop thread; nothing is locked.
 """
 
@@ -29,6 +33,11 @@ log = logging.getLogger(__name__)
 
 EVENTS_RETRY_S = 0.5  # after the KVEvents stream breaks
 EVENTS_UNIMPLEMENTED_RETRY_S = 5.0
+# A route decision is dispatched (Ticket) on the next turns of the event loop, not atomically
+# with it: a drained worker is removed only after this long, so a decision taken just before
+# the drain is counted in flight before the worker's counts are trusted to be final.
+DRAIN_GRACE_S = 1.0
+DRAIN_POLL_S = 0.1
 
 
 @dataclass(slots=True)
@@ -42,14 +51,21 @@ class WorkerState:
     load: pb.WorkerLoad | None = None  # the last Load reply
     cached_hashes: set[int] = field(default_factory=set)  # from KVEvents
     num_inflight: int = 0
+    num_prefilling: int = 0  # choices whose prompt it computes and whose first token is not back
     inflight_prefill_tokens: int = 0
     inflight_kv_blocks: int = 0
+    draining: bool = False  # deregistered: never routed to again, removed once idle
+
+    @property
+    def idle(self) -> bool:
+        return self.num_inflight == 0 and self.num_prefilling == 0
 
     @property
     def healthy(self) -> bool:
         # a Load without block_size/max_model_len is a worker still starting: not routable
         return (
-            self.ready
+            not self.draining
+            and self.ready
             and self.reachable
             and self.load is not None
             and self.load.block_size > 0
@@ -89,34 +105,116 @@ class WorkerRegistry:
         self._load_interval_s = load_interval_s
         self._health_interval_s = health_interval_s
         self._workers: dict[str, WorkerState] = {}  # filled by start()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, list[asyncio.Task[None]]] = {}  # worker_id -> its refresh tasks
+        self._drains: dict[str, asyncio.Task[None]] = {}
+        self._closing: set[asyncio.Task[None]] = set()  # old channels of moved workers
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Connect to every worker and start the refresh tasks (from the running event loop:
-        grpc.aio channels bind to it). Until then the registry has no worker."""
+        """Connect to every configured worker and start the refresh tasks (from the running
+        event loop: grpc.aio channels bind to it). Until then the registry has no worker."""
         for worker in self._addresses:
-            state = WorkerState(worker, WorkerClient(worker, self._rpc_timeout_s))
-            self._workers[worker.worker_id] = state
-            self._tasks.append(asyncio.create_task(self._poll(state)))
-            self._tasks.append(asyncio.create_task(self._follow_events(state)))
+            self.add(worker)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        drains = list(self._drains.values())
+        self._drains.clear()
+        for task in drains:
             task.cancel()
-        for task in self._tasks:
+        for task in drains:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks.clear()
-        for state in self._workers.values():
-            await state.client.close()
-        self._workers.clear()
+        for worker_id in list(self._workers):
+            await self.remove(worker_id)
+
+    # ------------------------------------------------------------ membership (admin API)
+
+    def add(self, worker: WorkerAddress) -> bool:
+        """Register `worker` (event loop thread), or point the worker of that id at its new
+        address: a restarted worker keeps its id and its in-flight accounting, its prefix
+        cache is forgotten until it reports again, and the channel to the old address is closed
+        (cutting what still streams from there). Returns False when nothing changed.
+
+        Raises WorkerConflict for a draining worker or one registered with another role."""
+        state = self._workers.get(worker.worker_id)
+        if state is not None:
+            if state.worker.role is not worker.role:
+                raise WorkerConflict(
+                    f"worker {worker.worker_id} is registered as {state.worker.role.value}"
+                )
+            if state.draining:
+                raise WorkerConflict(f"worker {worker.worker_id} is draining")
+            if state.worker.address == worker.address:
+                return False
+            log.info("worker %s moved to %s", worker.worker_id, worker.address)
+            self._stop_refresh(state)
+            old_client = state.client
+            task = asyncio.get_running_loop().create_task(old_client.close())
+            self._background(task)
+            state.worker = worker
+            state.client = WorkerClient(worker, self._rpc_timeout_s)
+            state.ready = state.reachable = False
+            state.load = None
+            state.cached_hashes.clear()
+        else:
+            log.info("worker %s (%s) added at %s", worker.worker_id, worker.role.value,
+                     worker.address)  # fmt: skip
+            state = WorkerState(worker, WorkerClient(worker, self._rpc_timeout_s))
+            self._workers[worker.worker_id] = state
+        self._tasks[worker.worker_id] = [
+            asyncio.create_task(self._poll(state)),
+            asyncio.create_task(self._follow_events(state)),
+        ]
+        return True
+
+    def drain(self, worker_id: str) -> None:
+        """Stop routing to the worker now; remove it once everything dispatched to it (as
+        decode worker or as prefiller) is done. Idempotent. KeyError when unknown."""
+        state = self._workers[worker_id]
+        if state.draining:
+            return
+        log.info("worker %s draining (%d in flight)", worker_id, state.num_inflight)
+        state.draining = True
+        self._drains[worker_id] = asyncio.create_task(self._remove_when_idle(state))
+
+    async def remove(self, worker_id: str) -> None:
+        """Drop the worker now (KeyError when unknown). Its channel is closed, which cuts any
+        request still streaming from it: `drain` is the way that loses nothing."""
+        state = self._workers.pop(worker_id)
+        drain = self._drains.pop(worker_id, None)
+        if drain is not None and drain is not asyncio.current_task():
+            drain.cancel()
+        tasks = self._stop_refresh(state)
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await state.client.close()
+        log.info("worker %s removed", worker_id)
+
+    async def _remove_when_idle(self, state: WorkerState) -> None:
+        await asyncio.sleep(DRAIN_GRACE_S)
+        while not state.idle:
+            await asyncio.sleep(DRAIN_POLL_S)
+        await self.remove(state.worker.worker_id)
+
+    def _stop_refresh(self, state: WorkerState) -> list[asyncio.Task[None]]:
+        tasks = self._tasks.pop(state.worker.worker_id, [])
+        for task in tasks:
+            task.cancel()
+        return tasks
+
+    def _background(self, task: asyncio.Task[None]) -> None:
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     # ------------------------------------------------------------ reads
 
     def client(self, worker_id: str) -> WorkerClient:
         return self._workers[worker_id].client
+
+    def get(self, worker_id: str) -> WorkerState | None:
+        return self._workers.get(worker_id)
 
     def block_size(self, worker_id: str) -> int:
         return self._workers[worker_id].block_size
@@ -167,6 +265,7 @@ class WorkerRegistry:
         prefiller = self._workers[decision.prefill_worker_id or decision.decode_worker_id]
         ticket = Ticket(request_id, decode, prefiller, decision.uncached_tokens, num_prompt_tokens)
         decode.num_inflight += 1
+        prefiller.num_prefilling += 1
         prefiller.inflight_prefill_tokens += ticket.prefill_tokens
         self._set_context(ticket, num_prompt_tokens)
         return ticket
@@ -177,6 +276,7 @@ class WorkerRegistry:
             return
         if ticket.prefill_pending:
             ticket.prefill_pending = False
+            ticket.prefiller.num_prefilling -= 1
             ticket.prefiller.inflight_prefill_tokens -= ticket.prefill_tokens
         self._set_context(ticket, ticket.context_tokens + num_new_tokens)
 
@@ -186,6 +286,7 @@ class WorkerRegistry:
             return
         if ticket.prefill_pending:
             ticket.prefill_pending = False
+            ticket.prefiller.num_prefilling -= 1
             ticket.prefiller.inflight_prefill_tokens -= ticket.prefill_tokens
         ticket.decode.inflight_kv_blocks -= ticket.kv_blocks
         ticket.decode.num_inflight -= 1
@@ -238,6 +339,10 @@ class WorkerRegistry:
         if reachable != state.reachable:
             log.info("worker %s reachable=%s %s", state.worker.worker_id, reachable, why)
         state.reachable = reachable
+
+
+class WorkerConflict(Exception):
+    """A registration that contradicts the registry (role change, or a draining worker)."""
 
 
 def apply_kv_event(cached: set[int], event: pb.KVEvent) -> None:

@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from router.admin import add_admin_routes
 from router.config import Role, RouterConfig
 from router.errors import InvalidRequest, RouterError, ServiceUnavailable, error_body
 from router.metrics import RouterMetrics
@@ -86,6 +87,7 @@ def build_app(config: RouterConfig, tokenizer: Tokenizer) -> FastAPI:
     app.state.frontend = frontend
     app.add_middleware(_Stamp, metrics=metrics)
     _add_error_handlers(app)
+    app.state.scale = add_admin_routes(app, registry, config.admin_key)
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response:

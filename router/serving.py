@@ -345,8 +345,11 @@ class Frontend:
         task.add_done_callback(self._background.discard)
 
     async def _send_abort(self, worker_id: str, request_id: str) -> None:
+        state = self.registry.get(worker_id)
+        if state is None:  # removed meanwhile (admin API): its channel is closed
+            return
         try:
-            await self.registry.client(worker_id).abort(request_id)
+            await state.client.abort(request_id)
         except grpc.aio.AioRpcError as exc:
             log.info("abort %s on %s failed: %s", request_id, worker_id, exc.code().name)
 
