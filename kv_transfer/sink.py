@@ -233,6 +233,8 @@ class Sink:
         generation = require(msg, "gen", int)
         if op == "claim":
             segments = require(msg, "segments", list)
+            if not all(isinstance(n, int) for n in segments):
+                raise ConnectionClosed(f"claim with non-integer segments: {segments[:8]!r}")
             t, why = self._ledger.claim(generation, agent, segments, now)
             if t is not None and t.transfer_id != msg.get("tid"):
                 t, why = None, "transfer id does not match the generation"

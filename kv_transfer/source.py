@@ -87,7 +87,9 @@ class Source:
         self._transport = transport
         self._handshake_timeout_s = handshake_timeout_s
         self._peers: dict[str, _Peer] = {}  # by sink address
-        self._zombies: list[object] = []  # ops of lost peers, released once they stop
+        # Writes that failed or lost their peer but may still run: (op, sink address, gen),
+        # released once the transport says they stopped; only then is the sink told `failed`.
+        self._zombies: list[tuple[object, str, int]] = []
         self._failures: dict[str, KVTransferError] = {}  # why a sink address was dropped
         self._events: list[SourceEvent] = []
 
@@ -133,7 +135,10 @@ class Source:
                 return
         peer.sends[handle.generation] = s
         if peer.agent is not None:
-            self._claim(peer, s)
+            try:
+                self._claim(peer, s)
+            except ConnectionClosed as e:
+                self._lose_peer(peer, PeerLost(f"sink {peer.address} lost: {e}"))
 
     def poll(self, timeout_s: float = 0.0) -> list[SourceEvent]:
         deadline = time.monotonic() + timeout_s
@@ -149,7 +154,7 @@ class Source:
         for peer in list(self._peers.values()):
             self._lose_peer(peer, PeerLost("source closed"))
         self._events.clear()
-        for op in self._zombies:
+        for op, _, _ in self._zombies:
             self._transport.release(op)
         self._zombies.clear()
         self._transport.close()
@@ -157,19 +162,22 @@ class Source:
     # ---- peers ----------------------------------------------------------------------------------
     def _open(self, address: str) -> _Peer:
         conn = connect(address, self._handshake_timeout_s)
+        hello = {
+            "op": "hello",
+            "v": PROTOCOL_VERSION,
+            "backend": self.backend,
+            "agent": self._agent_name,
+            "layout": layout_to_wire(self.layout),
+            "transport": self._transport.describe(),
+        }
+        try:
+            conn.send(hello)
+        except ConnectionClosed as e:
+            conn.close()
+            raise PeerLost(f"sink {address} dropped the connection: {e}") from e
         peer = _Peer(address, conn, time.monotonic())
         self._peers[address] = peer
         self._failures.pop(address, None)
-        conn.send(
-            {
-                "op": "hello",
-                "v": PROTOCOL_VERSION,
-                "backend": self.backend,
-                "agent": self._agent_name,
-                "layout": layout_to_wire(self.layout),
-                "transport": self._transport.describe(),
-            }
-        )
         return peer
 
     def _lose_peer(self, peer: _Peer, error: KVTransferError) -> None:
@@ -180,7 +188,7 @@ class Source:
         self._failures[peer.address] = error
         for gen, s in peer.sends.items():
             if s.op is not None and not self._transport.release(s.op):
-                self._zombies.append(s.op)
+                self._zombies.append((s.op, peer.address, gen))
             self._events.append(SendFailed(s.handle.transfer_id, gen, error))
         peer.sends.clear()
         if peer.agent is not None:
@@ -219,6 +227,8 @@ class Source:
             try:
                 peer.conn.flush()
                 for msg in peer.conn.receive():
+                    if self._peers.get(peer.address) is not peer:
+                        break  # lost while handling an earlier message
                     self._handle(peer, msg)
                 if peer.agent is None and now - peer.since > self._handshake_timeout_s:
                     raise HandshakeFailed(f"no welcome from {peer.address}")
@@ -228,7 +238,17 @@ class Source:
                 self._lose_peer(peer, e)
         for peer in list(self._peers.values()):
             self._check_posted(peer)
-        self._zombies = [op for op in self._zombies if not self._transport.release(op)]
+        self._bury_zombies()
+
+    def _bury_zombies(self) -> None:
+        zombies, self._zombies = self._zombies, []
+        for op, address, gen in zombies:
+            if not self._transport.release(op):
+                self._zombies.append((op, address, gen))
+                continue
+            peer = self._peers.get(address)
+            if peer is not None:  # same connection still up: the write is over now
+                self._send_quietly(peer, {"op": "failed", "gen": gen, "reason": "write stopped"})
 
     def _wait(self, deadline: float) -> None:
         posted = sum(
@@ -268,10 +288,10 @@ class Source:
                 )
         elif op == "abort":
             if s is not None and s.stage is _Stage.POSTED:
-                s.abort_reason = str(
-                    msg.get("reason")
-                )  # ack once the write is over (_check_posted)
+                s.abort_reason = str(msg.get("reason"))  # ack once the write is over
                 return
+            if any(z[1:] == (peer.address, gen) for z in self._zombies):
+                return  # its write may still run: _bury_zombies says `failed` once it stopped
             if s is not None:
                 self._finish(peer, s, TransferAborted(f"sink aborted: {msg.get('reason')}"))
             peer.conn.send({"op": "ack", "tid": msg.get("tid"), "gen": gen})
@@ -305,10 +325,12 @@ class Source:
                 self._send_quietly(peer, {"op": "ack", "gen": s.handle.generation})
 
     def _fail_posted(self, peer: _Peer, s: _Send, error: TransferFailed) -> None:
-        if s.op is not None and not self._transport.release(s.op):
-            self._zombies.append(s.op)
+        gen = s.handle.generation
         self._finish(peer, s, error)
-        self._send_quietly(peer, {"op": "failed", "gen": s.handle.generation, "reason": str(error)})
+        if s.op is not None and not self._transport.release(s.op):
+            self._zombies.append((s.op, peer.address, gen))  # `failed` once it has stopped
+            return
+        self._send_quietly(peer, {"op": "failed", "gen": gen, "reason": str(error)})
 
     def _finish(self, peer: _Peer, s: _Send, error: KVTransferError | None) -> None:
         h = s.handle
