@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from decode_worker.servicer import DecodeServicer
+from decode_worker.metrics import MeteredDecodeServicer, MeteredSink
 from engine.args import add_engine_args, engine_args_from
 from engine.async_engine import AsyncEngine
 from engine.engine import Engine
 from kv_transfer import registry
-from kv_transfer.endpoint_thread import SinkThread
 from proto import tandem_pb2_grpc as pb_grpc
 from runtime import worker_rpc
 from runtime.grpc_server import new_server, serve_until_signalled
 from runtime.tokenizer import Tokenizer
+from runtime.worker_metrics import WorkerLabels, WorkerMetrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,6 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--kv-lease-s", type=float, default=30.0, help="how long reserved blocks wait for KV"
     )
+    p.add_argument(
+        "--metrics-port", type=int, default=0,
+        help="Prometheus /metrics on --host (0: any free port; reported by Health)",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -37,13 +41,17 @@ async def amain(ns: argparse.Namespace) -> None:
     tokenizer = Tokenizer.from_dir(config.model_dir)
     loop = asyncio.get_running_loop()
     core = Engine(config, tokenizer)
-    engine = AsyncEngine(core, loop)
+    labels = WorkerLabels("decode", ns.worker_id, config.model_dir.name, config.device)
+    metrics = WorkerMetrics(labels, load=lambda: engine.load)  # read at scrape time
+    engine = AsyncEngine(core, loop, on_step=metrics.observe_step)
+    metrics_server = metrics.serve(ns.host, ns.metrics_port)
     # the sink's control channel binds the same host as the gRPC server (loopback by default)
-    sink = SinkThread(
+    sink = MeteredSink(
         registry.make_sink(
             ns.kv_backend, core.runner.kv_cache, agent_name=ns.worker_id, host=ns.host
         ),
         loop,
+        metrics,
     )
     identity = worker_rpc.WorkerIdentity(
         worker_id=ns.worker_id,
@@ -52,15 +60,17 @@ async def amain(ns: argparse.Namespace) -> None:
         block_size=config.block_size,
         max_num_seqs=config.max_num_seqs,
         max_model_len=config.max_model_len,
+        metrics_address=metrics_server.address,
     )
     server = new_server()
-    servicer = DecodeServicer(identity, engine, sink, lease_s=ns.kv_lease_s)
+    servicer = MeteredDecodeServicer(identity, engine, sink, metrics, lease_s=ns.kv_lease_s)
     pb_grpc.add_DecodeWorkerServicer_to_server(servicer, server)
 
     async def stop() -> None:
         await servicer.prefill_clients.close()
         sink.close()
         engine.shutdown()
+        metrics_server.close()
 
     await serve_until_signalled(server, ns.host, ns.port, ns.worker_id, on_stop=stop)
 

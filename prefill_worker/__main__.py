@@ -9,12 +9,12 @@ from engine.args import add_engine_args, engine_args_from
 from engine.async_engine import AsyncEngine
 from engine.engine import Engine
 from kv_transfer import registry
-from kv_transfer.endpoint_thread import SourceThread
-from prefill_worker.servicer import PrefillServicer
+from prefill_worker.metrics import MeteredPrefillServicer, MeteredSource
 from proto import tandem_pb2_grpc as pb_grpc
 from runtime import worker_rpc
 from runtime.grpc_server import new_server, serve_until_signalled
 from runtime.tokenizer import Tokenizer
+from runtime.worker_metrics import WorkerLabels, WorkerMetrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,6 +24,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=0, help="0: any free port (printed on READY)")
     p.add_argument("--worker-id", default="prefill-0")
     p.add_argument("--kv-backend", default=registry.DEFAULT_BACKEND, choices=registry.names())
+    p.add_argument(
+        "--metrics-port", type=int, default=0,
+        help="Prometheus /metrics on --host (0: any free port; reported by Health)",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -34,9 +38,14 @@ async def amain(ns: argparse.Namespace) -> None:
     tokenizer = Tokenizer.from_dir(config.model_dir)
     loop = asyncio.get_running_loop()
     core = Engine(config, tokenizer)
-    engine = AsyncEngine(core, loop)
-    source = SourceThread(
-        registry.make_source(ns.kv_backend, core.runner.kv_cache, agent_name=ns.worker_id), loop
+    labels = WorkerLabels("prefill", ns.worker_id, config.model_dir.name, config.device)
+    metrics = WorkerMetrics(labels, load=lambda: engine.load)  # read at scrape time
+    engine = AsyncEngine(core, loop, on_step=metrics.observe_step)
+    metrics_server = metrics.serve(ns.host, ns.metrics_port)
+    source = MeteredSource(
+        registry.make_source(ns.kv_backend, core.runner.kv_cache, agent_name=ns.worker_id),
+        loop,
+        metrics,
     )
     identity = worker_rpc.WorkerIdentity(
         worker_id=ns.worker_id,
@@ -45,13 +54,16 @@ async def amain(ns: argparse.Namespace) -> None:
         block_size=config.block_size,
         max_num_seqs=config.max_num_seqs,
         max_model_len=config.max_model_len,
+        metrics_address=metrics_server.address,
     )
     server = new_server()
-    pb_grpc.add_PrefillWorkerServicer_to_server(PrefillServicer(identity, engine, source), server)
+    servicer = MeteredPrefillServicer(identity, engine, source, metrics)
+    pb_grpc.add_PrefillWorkerServicer_to_server(servicer, server)
 
     async def stop() -> None:
         source.close()
         engine.shutdown()
+        metrics_server.close()
 
     await serve_until_signalled(server, ns.host, ns.port, ns.worker_id, on_stop=stop)
 

@@ -1,17 +1,20 @@
-"""Every metric the router exports (`/metrics`, Prometheus text), prefix `tandem_router_`.
+"""Every metric the router exports (`/metrics`, Prometheus text), prefix `tandem_router_`, and
+the scrape targets of the whole cluster (`/v1/metrics/targets`, Prometheus http_sd).
 
 Latencies are histograms in seconds; counters end in `_total`; nothing is averaged here.
 Each RouterMetrics owns its CollectorRegistry, so several apps (tests) never collide.
+docs/metrics.md lists every metric of the router and the workers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from router.config import RouterConfig
 from router.registry import WorkerRegistry
 
 _OVERHEAD_BUCKETS_S = (
@@ -26,12 +29,20 @@ _ITL_BUCKETS_S = (
     0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
     0.2, 0.3, 0.5, 1.0, 2.5,
 )  # fmt: skip
+_TOKEN_BUCKETS = (
+    1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072,
+)  # fmt: skip
 
 
 class RouterMetrics:
-    def __init__(self, workers: WorkerRegistry) -> None:
+    def __init__(self, workers: WorkerRegistry, config: RouterConfig) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        info = Gauge(
+            "tandem_router_info", "Always 1; the served model and the routing mode as labels",
+            ["model", "mode"], registry=r,
+        )  # fmt: skip
+        info.labels(config.served_model_name, config.mode.value).set(1)
         self.requests = Counter(
             "tandem_router_requests", "HTTP requests answered, by endpoint and status code",
             ["endpoint", "status"], registry=r,
@@ -72,10 +83,21 @@ class RouterMetrics:
         self.generation_tokens = Counter(
             "tandem_router_generation_tokens", "Tokens generated", registry=r
         )
+        self.request_prompt_tokens = Histogram(
+            "tandem_router_request_prompt_tokens",
+            "Prompt tokens per finished choice (the planner's ISL: _sum / _count)",
+            buckets=_TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.request_generation_tokens = Histogram(
+            "tandem_router_request_generation_tokens",
+            "Generated tokens per finished choice (the planner's OSL: _sum / _count)",
+            buckets=_TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
         self.routes = Counter(
             "tandem_router_route_decisions",
-            "Routing decisions, by mode and where the prompt was computed",
-            ["mode", "prefill"], registry=r,
+            "Routing decisions, by mode, where the prompt was computed (local: on the decode "
+            "worker, remote: on a prefill worker) and why",
+            ["mode", "prefill", "reason"], registry=r,
         )  # fmt: skip
         self.prefix_query_blocks = Counter(
             "tandem_router_prefix_query_blocks",
@@ -130,6 +152,12 @@ class _WorkerCollector(Collector):
             "Block hashes the router believes the worker caches (from KV events)",
             labels=labels,
         )
+        prefilling = GaugeMetricFamily(
+            "tandem_router_worker_prefilling_requests",
+            "Choices whose prompt the worker computes and whose first token is not back (the "
+            "pool's prefill queue as the router sees it)",
+            labels=labels,
+        )
         for s in self._workers.states():
             values = [s.worker.worker_id, s.worker.role.value]
             healthy.add_metric(values, 1.0 if s.healthy else 0.0)
@@ -137,7 +165,22 @@ class _WorkerCollector(Collector):
             prefill.add_metric(values, s.inflight_prefill_tokens)
             free.add_metric(values, s.load.num_blocks_free if s.load is not None else 0)
             cached.add_metric(values, len(s.cached_hashes))
-        yield from (healthy, inflight, prefill, free, cached)
+            prefilling.add_metric(values, s.num_prefilling)
+        yield from (healthy, inflight, prefill, free, cached, prefilling)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
+
+
+def scrape_targets(workers: WorkerRegistry, router_address: str) -> list[dict[str, object]]:
+    """Prometheus http_sd target groups: this router, then every registered worker that reported
+    a metrics address in its Health reply. Target labels are named `tandem_*` so they never
+    collide with the series' own `role` / `worker_id` labels."""
+    groups: list[dict[str, object]] = [
+        {"targets": [router_address], "labels": {"tandem_pool": "router"}}
+    ]
+    for s in workers.states():
+        if s.metrics_address:
+            labels = {"tandem_pool": s.worker.role.value, "tandem_worker": s.worker.worker_id}
+            groups.append({"targets": [s.metrics_address], "labels": labels})
+    return groups

@@ -29,6 +29,7 @@ Where it departs from Dynamo (anchors.md 1.2), and why:
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,18 @@ class RouteRequest:
     seq: int = 0  # a per-request counter; rotates exact ties
 
 
+class RouteCause(enum.Enum):
+    """Why the prompt is computed where it is: the `reason` label of the route-decision metric
+    (the free-text `RouteDecision.reason` adds the numbers)."""
+
+    DISAGG = "disagg"  # mode=disagg: always on a prefill worker
+    COLLOCATED = "collocated"  # mode=collocated: always on the decode worker
+    FEW_UNCACHED = "few_uncached"  # auto, local: uncached tokens <= local_prefill_max_tokens
+    NO_PREFILL_WORKER = "no_prefill_worker"  # auto, local: no healthy prefill worker
+    PREFILL_SATURATED = "prefill_saturated"  # auto, local: the best prefill worker is saturated
+    MANY_UNCACHED = "many_uncached"  # auto, remote: uncached tokens > local_prefill_max_tokens
+
+
 @dataclass(frozen=True, slots=True)
 class RouteDecision:
     mode: Mode
@@ -76,6 +89,7 @@ class RouteDecision:
     overlap_blocks: int  # prompt blocks cached on the worker that prefills
     uncached_tokens: int  # prompt tokens that worker computes
     reason: str
+    cause: RouteCause
 
     @property
     def remote_prefill(self) -> bool:
@@ -132,31 +146,34 @@ def route(
             raise Unroutable("mode=disagg and no healthy prefill worker can take the prompt")
         d, d_why = _pick(decode, req, lambda w: decode_cost(w, req))
         p, p_why = _pick(prefill, req, lambda w: prefill_cost(w, req, config.prefill_weight))
-        return _remote(mode, d, p, req, f"decode {d_why}; prefill {p_why}")
+        cause = RouteCause.DISAGG
+        return _remote(mode, d, p, req, cause, f"decode {d_why}; prefill {p_why}")
 
     def local_cost(w: WorkerSnapshot) -> float:
         return prefill_cost(w, req, config.prefill_weight) + decode_cost(w, req)
 
     d, d_why = _pick(decode, req, local_cost)
     if mode is Mode.COLLOCATED:
-        return _local(mode, d, req, f"collocated; decode {d_why}")
+        return _local(mode, d, req, RouteCause.COLLOCATED, f"collocated; decode {d_why}")
     local_todo = uncached_tokens(
         req.num_prompt_tokens, req.overlap_blocks.get(d.worker_id, 0), d.block_size
     )
     if local_todo <= config.local_prefill_max_tokens:
         why = f"uncached {local_todo} <= {config.local_prefill_max_tokens} tokens"
-        return _local(mode, d, req, f"{why}; decode {d_why}")
+        return _local(mode, d, req, RouteCause.FEW_UNCACHED, f"{why}; decode {d_why}")
     if not prefill:
-        return _local(mode, d, req, f"no healthy prefill worker; decode {d_why}")
+        why = f"no healthy prefill worker; decode {d_why}"
+        return _local(mode, d, req, RouteCause.NO_PREFILL_WORKER, why)
     p, p_why = _pick(prefill, req, lambda w: prefill_cost(w, req, config.prefill_weight))
     if p.inflight_prefill_tokens >= config.prefill_saturated_tokens:
         why = (
             f"prefill pool saturated ({p.worker_id} has {p.inflight_prefill_tokens} "
             f">= {config.prefill_saturated_tokens} queued tokens)"
         )
-        return _local(mode, d, req, f"{why}; decode {d_why}")
+        return _local(mode, d, req, RouteCause.PREFILL_SATURATED, f"{why}; decode {d_why}")
     why = f"uncached {local_todo} > {config.local_prefill_max_tokens} tokens"
-    return _remote(mode, d, p, req, f"{why}; decode {d_why}; prefill {p_why}")
+    cause = RouteCause.MANY_UNCACHED
+    return _remote(mode, d, p, req, cause, f"{why}; decode {d_why}; prefill {p_why}")
 
 
 def _pick(
@@ -185,7 +202,9 @@ def _pick(
     return chosen, why
 
 
-def _local(mode: Mode, d: WorkerSnapshot, req: RouteRequest, reason: str) -> RouteDecision:
+def _local(
+    mode: Mode, d: WorkerSnapshot, req: RouteRequest, cause: RouteCause, reason: str
+) -> RouteDecision:
     overlap = req.overlap_blocks.get(d.worker_id, 0)
     return RouteDecision(
         mode=mode,
@@ -196,11 +215,17 @@ def _local(mode: Mode, d: WorkerSnapshot, req: RouteRequest, reason: str) -> Rou
         overlap_blocks=overlap,
         uncached_tokens=uncached_tokens(req.num_prompt_tokens, overlap, d.block_size),
         reason=reason,
+        cause=cause,
     )
 
 
 def _remote(
-    mode: Mode, d: WorkerSnapshot, p: WorkerSnapshot, req: RouteRequest, reason: str
+    mode: Mode,
+    d: WorkerSnapshot,
+    p: WorkerSnapshot,
+    req: RouteRequest,
+    cause: RouteCause,
+    reason: str,
 ) -> RouteDecision:
     overlap = req.overlap_blocks.get(p.worker_id, 0)
     return RouteDecision(
@@ -212,6 +237,7 @@ def _remote(
         overlap_blocks=overlap,
         uncached_tokens=uncached_tokens(req.num_prompt_tokens, overlap, p.block_size),
         reason=reason,
+        cause=cause,
     )
 
 

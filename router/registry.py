@@ -55,6 +55,7 @@ class WorkerState:
     inflight_prefill_tokens: int = 0
     inflight_kv_blocks: int = 0
     draining: bool = False  # deregistered: never routed to again, removed once idle
+    metrics_address: str = ""  # from Health: where Prometheus scrapes it ("": not reported)
 
     @property
     def idle(self) -> bool:
@@ -309,6 +310,7 @@ class WorkerRegistry:
                     reply = await state.client.health()
                     next_health = loop.time() + self._health_interval_s
                     self._set_ready(state, reply.ready)
+                    state.metrics_address = reply.metrics_address
                 state.load = await state.client.load()
                 self._set_reachable(state, True)
             except grpc.aio.AioRpcError as exc:

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from router.admin import add_admin_routes
 from router.config import Role, RouterConfig
 from router.errors import InvalidRequest, RouterError, ServiceUnavailable, error_body
-from router.metrics import RouterMetrics
+from router.metrics import RouterMetrics, scrape_targets
 from router.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -47,8 +47,11 @@ T = TypeVar("T")
 
 ROUTE_HEADER = "x-tandem-route"
 KNOWN_PATHS = frozenset(
-    {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics"}
-)
+    {
+        "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
+        "/v1/metrics/targets",
+    }
+)  # fmt: skip
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
     503: {"model": ErrorResponse, "description": "No healthy worker; retry after Retry-After"},
@@ -66,7 +69,7 @@ def build_app(config: RouterConfig, tokenizer: Tokenizer) -> FastAPI:
         load_interval_s=config.load_interval_s,
         health_interval_s=config.health_interval_s,
     )
-    metrics = RouterMetrics(registry)
+    metrics = RouterMetrics(registry, config)
     frontend = Frontend(config, tokenizer, registry, metrics)
 
     @asynccontextmanager
@@ -117,6 +120,12 @@ def build_app(config: RouterConfig, tokenizer: Tokenizer) -> FastAPI:
     @app.get("/metrics", response_class=Response)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/metrics/targets")
+    async def metrics_targets(request: Request) -> list[dict[str, object]]:
+        """Prometheus http_sd: this router and every worker's /metrics (docs/metrics.md)."""
+        host, port = request.scope["server"]  # the socket the scraper reached us on
+        return scrape_targets(registry, f"{host}:{port}")
 
     return app
 

@@ -208,7 +208,9 @@ class Frontend:
             raise ServiceUnavailable(str(exc)) from exc
         prefilled_on = decision.prefill_worker_id or decision.decode_worker_id
         self.metrics.routes.labels(
-            decision.mode.value, "remote" if decision.remote_prefill else "local"
+            decision.mode.value,
+            "remote" if decision.remote_prefill else "local",
+            decision.cause.value,
         ).inc()
         blocks = len(prompt_ids) // self.registry.block_size(prefilled_on)
         self.metrics.prefix_query_blocks.labels(prefilled_on).inc(blocks)
@@ -336,6 +338,8 @@ class Frontend:
         if usage is not None:
             self.metrics.prompt_tokens.inc(usage.prompt_tokens)
             self.metrics.cached_prompt_tokens.inc(usage.cached_tokens)
+            self.metrics.request_prompt_tokens.observe(usage.prompt_tokens)
+            self.metrics.request_generation_tokens.observe(usage.completion_tokens)
 
     def _abort(self, worker_id: str, request_id: str) -> None:
         """Best effort, in the background: cancelling the stream already tells the worker."""

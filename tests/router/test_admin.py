@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from router.config import Mode, Role, RouterConfig
-from router.policy import RouteDecision
+from router.policy import RouteCause, RouteDecision
 from router.registry import WorkerRegistry
 from router.server import build_app
 from runtime.tokenizer import Tokenizer
@@ -93,7 +93,8 @@ def test_drain_waits_for_in_flight_work_then_removes(client: TestClient) -> None
     reg = registry(client)
     decision = RouteDecision(
         mode=Mode.DISAGG, decode_worker_id="d0", decode_address="unused:1",
-        prefill_worker_id="p0", prefill_address="unused:2", overlap_blocks=0, uncached_tokens=32, reason="test",
+        prefill_worker_id="p0", prefill_address="unused:2", overlap_blocks=0, uncached_tokens=32,
+        reason="test", cause=RouteCause.DISAGG,
     )  # fmt: skip
     ticket = reg.begin("r1", decision, 32)
     assert client.delete("/admin/workers/d0", headers=AUTH).status_code == 202

@@ -8,6 +8,7 @@ import pytest
 
 from router.config import Mode, PolicyConfig, Role
 from router.policy import (
+    RouteCause,
     RouteRequest,
     Unroutable,
     WorkerSnapshot,
@@ -80,7 +81,7 @@ def test_disagg_picks_prefill_by_overlap_and_decode_by_load() -> None:
     assert d.prefill_address == "p1:1"
     assert d.overlap_blocks == 15
     assert d.uncached_tokens == 320 - 15 * 16
-    assert d.remote_prefill
+    assert d.remote_prefill and d.cause is RouteCause.DISAGG
     header = d.header_value()
     assert "mode=disagg" in header and "decode=d1" in header and "prefill=p1" in header
     assert "overlap_blocks=15" in header and "p0=" in header  # the loser's cost is explained
@@ -127,12 +128,14 @@ def test_collocated_prefers_the_decode_worker_holding_the_prefix() -> None:
     assert d.decode_worker_id == "d1" and not d.remote_prefill
     assert d.overlap_blocks == 30 and d.uncached_tokens == 640 - 480
     assert d.header_value().startswith("mode=collocated; decode=d1; prefill=local;")
+    assert d.cause is RouteCause.COLLOCATED
 
 
 def test_auto_prefills_short_uncached_prompts_locally() -> None:
     workers = [decode("d0"), prefill("p0")]
     short = route(req(60), workers, Mode.AUTO, CFG)
     assert not short.remote_prefill and "uncached 60 <= 64" in short.reason
+    assert short.cause is RouteCause.FEW_UNCACHED
     # long, but the decode worker caches all but 40 tokens of it: still local
     cached = route(req(1000, d0=60), workers, Mode.AUTO, CFG)
     assert not cached.remote_prefill and cached.uncached_tokens == 40
@@ -142,6 +145,7 @@ def test_auto_sends_long_uncached_prompts_to_the_prefill_pool() -> None:
     workers = [decode("d0"), prefill("p0"), prefill("p1")]
     d = route(req(1000, p1=10), workers, Mode.AUTO, CFG)
     assert d.prefill_worker_id == "p1" and "uncached 1000 > 64" in d.reason
+    assert d.cause is RouteCause.MANY_UNCACHED
     assert d.uncached_tokens == 1000 - 160
 
 
@@ -149,8 +153,10 @@ def test_auto_prefills_locally_when_the_pool_is_saturated_or_absent() -> None:
     saturated = [decode("d0"), prefill("p0", inflight_prefill_tokens=5000)]
     d = route(req(1000), saturated, Mode.AUTO, CFG)
     assert not d.remote_prefill and "saturated" in d.reason
+    assert d.cause is RouteCause.PREFILL_SATURATED
     absent = route(req(1000), [decode("d0"), prefill("p0", healthy=False)], Mode.AUTO, CFG)
     assert not absent.remote_prefill and "no healthy prefill worker" in absent.reason
+    assert absent.cause is RouteCause.NO_PREFILL_WORKER
 
 
 def test_policy_config_rejects_bad_values() -> None:

@@ -12,13 +12,13 @@ from proto import tandem_pb2 as pb
 from router.config import Mode
 from router.convert import Delta, FinishReason, TokenLogprob, Usage
 from router.logprobs import TokenStrings
-from router.policy import RouteDecision
+from router.policy import RouteCause, RouteDecision
 from router.protocol import ChatCompletionChunk, CompletionResponse
 from router.responses import DONE, ChoiceOutput, StreamFormatter, full_response, usage_info
 from router.serving import Choice, Endpoint, Event, Plan, Timing
 from runtime.tokenizer import Tokenizer
 
-DECISION = RouteDecision(Mode.AUTO, "d0", "a:1", None, None, 0, 3, "test")
+DECISION = RouteDecision(Mode.AUTO, "d0", "a:1", None, None, 0, 3, "test", RouteCause.FEW_UNCACHED)
 
 
 def make_plan(endpoint: Endpoint, n: int = 1, logprobs: bool = False, usage: bool = True) -> Plan:

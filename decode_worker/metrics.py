@@ -1,0 +1,111 @@
+"""Every metric a decode worker exports: the shared set of runtime/worker_metrics.py, fed from
+the engine's steps (AsyncEngine on_step), the Generate RPC's outcome and the KV sink's
+KVLanded / KVLost. The two classes below wrap the servicer and the sink thread, so the
+request path itself carries no metrics code; `__main__` wires them in place of the plain ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+
+from decode_worker.servicer import DecodeServicer
+from engine.async_engine import AsyncEngine
+from kv_transfer.base import KVHandle, KVLanded, KVLost, KVReleased, KVSink
+from kv_transfer.endpoint_thread import SinkThread
+from proto import tandem_pb2 as pb
+from runtime import worker_rpc
+from runtime.worker_metrics import WorkerMetrics, outcome_of
+
+__all__ = ["MeteredDecodeServicer", "MeteredSink"]
+
+# outcome label of a finished Generate stream, by proto FinishReason
+_FINISH_OUTCOMES = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_ABORT: "abort",
+}
+
+
+class MeteredSink(SinkThread):
+    """SinkThread that times each lease until its KV lands, and counts bytes and losses."""
+
+    def __init__(
+        self, sink: KVSink, loop: asyncio.AbstractEventLoop, metrics: WorkerMetrics
+    ) -> None:
+        self.metrics = metrics
+        self._opened_s: dict[str, float] = {}  # transfer_id -> expect() time; loop only
+        super().__init__(sink, loop)
+
+    async def expect(self, transfer_id: str, block_ids: Sequence[int], lease_s: float) -> KVHandle:
+        self._opened_s[transfer_id] = time.monotonic()
+        try:
+            return await super().expect(transfer_id, block_ids, lease_s)
+        except BaseException:
+            self._opened_s.pop(transfer_id, None)
+            raise
+
+    async def outcome(self, transfer_id: str) -> KVLanded | KVLost:
+        try:
+            result = await super().outcome(transfer_id)
+        finally:
+            opened_s = self._opened_s.pop(transfer_id, None)
+        if isinstance(result, KVLanded):
+            wait_s = time.monotonic() - opened_s if opened_s is not None else 0.0
+            self.metrics.kv_landed(result.num_bytes, wait_s)
+        else:
+            self.metrics.kv_failed(result.reason.value)
+        return result
+
+    async def released(self, transfer_id: str) -> KVReleased:
+        self._opened_s.pop(transfer_id, None)  # given up before its outcome was read
+        return await super().released(transfer_id)
+
+
+class MeteredDecodeServicer(DecodeServicer):
+    """DecodeServicer that counts each Generate stream by outcome (its finish reason, counted
+    before the last message leaves; cancelled; or the gRPC code it failed with) and each Abort
+    RPC."""
+
+    def __init__(
+        self,
+        identity: worker_rpc.WorkerIdentity,
+        engine: AsyncEngine,
+        sink: SinkThread | None,
+        metrics: WorkerMetrics,
+        lease_s: float = 30.0,
+    ) -> None:
+        super().__init__(identity, engine, sink, lease_s=lease_s)
+        self.metrics = metrics
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        start = time.monotonic()
+        counted = False
+        try:
+            async for msg in super().Generate(request, context):
+                if msg.finished and not counted:
+                    counted = True
+                    outcome = _FINISH_OUTCOMES.get(msg.finish_reason, "unknown")
+                    self.metrics.request_finished(outcome, time.monotonic() - start)
+                yield msg
+        except BaseException as e:
+            if not counted:
+                counted = True
+                self.metrics.request_finished(
+                    outcome_of(e, context.code()), time.monotonic() - start
+                )
+            raise
+        if not counted:  # the engine stream ended without a finished message
+            self.metrics.request_finished("unknown", time.monotonic() - start)
+
+    async def Abort(
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortResponse:
+        reply = await super().Abort(request, context)
+        self.metrics.abort_rpc(reply.found)
+        return reply

@@ -1,0 +1,82 @@
+"""Every metric a prefill worker exports: the shared set of runtime/worker_metrics.py, fed from
+the engine's steps (AsyncEngine on_step), the Prefill RPC's outcome and the KV source's
+SendDone / SendFailed. The two classes below wrap the servicer and the source thread, so the
+request path itself carries no metrics code; `__main__` wires them in place of the plain ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import grpc
+
+from engine.async_engine import AsyncEngine
+from kv_transfer.base import KVHandle, KVSource, SendDone, SendFailed
+from kv_transfer.endpoint_thread import SourceThread
+from prefill_worker.servicer import PrefillServicer
+from proto import tandem_pb2 as pb
+from runtime import worker_rpc
+from runtime.worker_metrics import WorkerMetrics, outcome_of
+
+__all__ = ["MeteredPrefillServicer", "MeteredSource"]
+
+
+class MeteredSource(SourceThread):
+    """SourceThread that counts every send's bytes, duration or failure."""
+
+    def __init__(
+        self, source: KVSource, loop: asyncio.AbstractEventLoop, metrics: WorkerMetrics
+    ) -> None:
+        self.metrics = metrics
+        super().__init__(source, loop)
+
+    async def send(self, handle: KVHandle, src_block_ids: Sequence[int]) -> SendDone | SendFailed:
+        try:
+            result = await super().send(handle, src_block_ids)
+        except Exception as e:  # a malformed call (ValueError); the servicer fails the RPC
+            self.metrics.kv_failed(type(e).__name__)
+            raise
+        if isinstance(result, SendDone):
+            self.metrics.kv_sent(result.num_bytes, result.elapsed_s)
+        else:
+            self.metrics.kv_failed(type(result.error).__name__)
+        return result
+
+
+class MeteredPrefillServicer(PrefillServicer):
+    """PrefillServicer that counts each Prefill RPC by outcome (ok, cancelled, or the gRPC
+    code it failed with) before its reply leaves, and each Abort RPC."""
+
+    def __init__(
+        self,
+        identity: worker_rpc.WorkerIdentity,
+        engine: AsyncEngine,
+        source: SourceThread,
+        metrics: WorkerMetrics,
+    ) -> None:
+        super().__init__(identity, engine, source)
+        self.metrics = metrics
+
+    async def Prefill(
+        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PrefillResponse:
+        start = time.monotonic()
+        outcome = "cancelled"
+        try:
+            reply = await super().Prefill(request, context)
+            outcome = "ok"
+            return reply
+        except BaseException as e:
+            outcome = outcome_of(e, context.code())
+            raise
+        finally:
+            self.metrics.request_finished(outcome, time.monotonic() - start)
+
+    async def Abort(
+        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AbortResponse:
+        reply = await super().Abort(request, context)
+        self.metrics.abort_rpc(reply.found)
+        return reply
