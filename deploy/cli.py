@@ -140,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmark clients")
     bench_serve.add_parser(bench.add_subparsers(dest="bench_command", required=True))
+
+    from deploy import plan, profile
+
+    profile.add_parser(sub)
+    plan.add_parser(sub)
     return parser
 
 
