@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from engine.args import add_engine_args
 
-SERVING_NOTE = "serving commands (serve, scale, profile, plan) land with their issues"
+SERVING_NOTE = "serving commands (profile, plan) land with their issues"
 
 
 def _model_dir(arg: str | None) -> str:
@@ -53,66 +52,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(answer(line.rstrip("\n")), flush=True)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import signal
-    import time
-
-    from deploy.local_cluster import ClusterConfig, LocalCluster
-
-    worker_args = [
-        "--dtype", args.dtype, "--device", args.device, "--load-format", args.load_format,
-        "--block-size", str(args.block_size), "--kv-cache-gib", str(args.kv_cache_gib),
-        "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-        "--max-num-seqs", str(args.max_num_seqs),
-    ]  # fmt: skip
-    if args.max_model_len is not None:
-        worker_args += ["--max-model-len", str(args.max_model_len)]
-    if args.num_blocks is not None:
-        worker_args += ["--num-blocks", str(args.num_blocks)]
-    if args.no_prefix_caching:
-        worker_args.append("--no-prefix-caching")
-    config = ClusterConfig(
-        model_dir=Path(_model_dir(args.model)),
-        host=args.host,
-        port=args.port,
-        num_prefill=args.prefill,
-        num_decode=args.decode,
-        mode=args.mode,
-        worker_args=tuple(worker_args),
-    )
-    print(
-        f"starting {args.prefill} prefill + {args.decode} decode workers ({args.mode}) "
-        f"for {config.model_dir} ...",
-        file=sys.stderr,
-        flush=True,
-    )
-    stop = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    with LocalCluster(config) as cluster:
-        print(f"Tandem is serving {config.model_dir.name} at {cluster.url}/v1", flush=True)
-        print(
-            f"  curl {cluster.url}/v1/chat/completions -H 'Content-Type: application/json' "
-            f"""-d '{{"model": "{config.model_dir.name}", "messages": """
-            f"""[{{"role": "user", "content": "What is the capital of France?"}}]}}'""",
-            flush=True,
-        )
-        try:
-            while not stop and all(c.proc.poll() is None for c in cluster.children):
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-        dead = [c.name for c in cluster.children if c.proc.poll() is not None]
-        if dead:
-            print(f"tandem: {', '.join(dead)} exited; stopping the cluster", file=sys.stderr)
-            return 1
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description=f"Tandem ({SERVING_NOTE}).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,14 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible)")
     gen.set_defaults(func=cmd_generate)
 
-    serve = sub.add_parser("serve", help="serve the OpenAI API: router + prefill/decode workers")
-    add_engine_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--prefill", type=int, default=1, help="prefill workers")
-    serve.add_argument("--decode", type=int, default=1, help="decode workers")
-    serve.add_argument("--mode", default="disagg", choices=["disagg", "collocated", "auto"])
-    serve.set_defaults(func=cmd_serve)
+    from deploy import serve_cli
+
+    serve_cli.add_parsers(sub, _model_dir)  # serve, scale, planner
 
     from bench import serve as bench_serve
 

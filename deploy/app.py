@@ -1,0 +1,120 @@
+"""`tandem serve`: the router and the prefill/decode pools on a launcher, kept at their target
+by the controller until SIGTERM/SIGINT.
+
+    launcher.start_router()       the router, with no worker yet
+    controller.set_target(P, D)   the initial pools, as `tandem scale` would set them
+    controller.wait_settled()     workers started, READY, registered, healthy
+    controller.run(stop)          scale requests, restarts and deaths, until told to stop
+    launcher.shutdown()           router first, then workers (SIGTERM: in-flight work finishes)
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deploy.admin_client import AdminClient
+from deploy.controller import Controller, ControllerConfig, StartFailed
+from deploy.launcher import Launched, Launcher
+from deploy.process import ProcessSpec
+from deploy.reconcile import Target
+from router.config import Role
+
+log = logging.getLogger("tandem.serve")
+
+WORKER_MODULES = {Role.PREFILL: "prefill_worker", Role.DECODE: "decode_worker"}
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    model_dir: Path
+    mode: str = "disagg"  # disagg | collocated | auto
+    num_prefill: int = 1  # initial target
+    num_decode: int = 1
+    host: str = "127.0.0.1"  # the router's bind address
+    port: int = 8000  # the router's port; 0: any free one
+    worker_host: str | None = None  # None: the node's address (loopback on a local cluster)
+    worker_args: tuple[str, ...] = ()  # engine flags for every worker
+    router_args: tuple[str, ...] = ()
+    admin_key: str | None = field(default=None, repr=False)
+    env: Mapping[str, str] = field(default_factory=dict)  # for every process
+    start_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("disagg", "collocated", "auto"):
+            raise ValueError(f"mode must be disagg, collocated or auto, got {self.mode!r}")
+        if self.num_decode < 1:
+            raise ValueError("at least one decode worker is needed")
+        if self.num_prefill < 0:
+            raise ValueError(f"num_prefill must be >= 0, got {self.num_prefill}")
+        if self.mode == "disagg" and self.num_prefill < 1:
+            raise ValueError("disagg mode needs at least one prefill worker")
+
+
+def router_spec(config: ServeConfig) -> ProcessSpec:
+    env = dict(config.env)
+    if config.admin_key:
+        env["TANDEM_ADMIN_KEY"] = config.admin_key  # not on the command line (ps shows it)
+    return ProcessSpec(
+        name="router",
+        module="router",
+        args=("--model", str(config.model_dir), "--mode", config.mode, *config.router_args),
+        host=config.host,
+        port=config.port,
+        env=env,
+        ready_timeout_s=config.start_timeout_s,
+    )
+
+
+def worker_spec(config: ServeConfig, worker_id: str, role: Role) -> ProcessSpec:
+    return ProcessSpec(
+        name=worker_id,
+        module=WORKER_MODULES[role],
+        args=("--model", str(config.model_dir), "--worker-id", worker_id, *config.worker_args),
+        host=config.worker_host,
+        env=config.env,
+        ready_timeout_s=config.start_timeout_s,
+    )
+
+
+def run_serve(
+    config: ServeConfig,
+    launcher: Launcher,
+    stop: threading.Event,
+    on_ready: Callable[[str, list[Launched]], None],
+    controller_config: ControllerConfig | None = None,
+) -> int:
+    """Serve until `stop` is set; returns the exit code. Always shuts the launcher down."""
+    try:
+        url = launcher.start_router()
+        admin = AdminClient(url, config.admin_key)
+        controller = Controller(launcher, admin, controller_config)
+        controller.set_target(Target(config.num_prefill, config.num_decode), "tandem serve")
+        controller.wait_settled(config.start_timeout_s)
+        on_ready(launcher.router_url(), controller.last_launched)
+        controller.run(stop)
+    except StartFailed as exc:
+        print(f"tandem: {exc}", file=sys.stderr)
+        return 1
+    except TimeoutError as exc:
+        print(f"tandem: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        launcher.shutdown()
+    return 0
+
+
+def placement_table(launched: list[Launched]) -> str:
+    rows = []
+    for w in sorted(launched, key=lambda w: (w.role.value, w.seq)):
+        gpus = ",".join(w.gpu_ids) if w.gpu_ids else "-"
+        node = w.node_id[:12] if w.node_id else "local"
+        rows.append(
+            f"  {w.worker_id:<12} {w.phase.value:<8} {w.address or '-':<21} pid {w.pid or '-':<7} "
+            f"gpus {gpus:<8} node {node}"
+        )
+    return "\n".join(rows)

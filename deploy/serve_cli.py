@@ -1,0 +1,233 @@
+"""`tandem serve` and `tandem scale`: flags, and the wiring from flags to launcher and
+controller (done here, once; below this everything takes plain objects)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.args import add_engine_args
+
+if TYPE_CHECKING:
+    from deploy.admin_client import AdminClient
+
+ADMIN_KEY_HELP = "bearer token of the router's /admin API (default: $TANDEM_ADMIN_KEY)"
+
+
+def add_parsers(sub: Any, model_dir: Any) -> None:
+    """Add `serve` and `scale` to the `tandem` subcommands; `model_dir(arg)` resolves --model."""
+    serve = sub.add_parser("serve", help="serve the OpenAI API: router + prefill/decode workers")
+    add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="the router's bind address")
+    serve.add_argument("--port", type=int, default=8000, help="the router's port (0: any)")
+    serve.add_argument("--prefill", type=int, default=1, help="prefill workers at start")
+    serve.add_argument("--decode", type=int, default=1, help="decode workers at start")
+    serve.add_argument("--mode", default="disagg", choices=["disagg", "collocated", "auto"])
+    serve.add_argument(
+        "--launcher", default="ray", choices=["ray", "local"],
+        help="ray: workers are Ray actors placed on GPUs (restarted on a crash); "
+        "local: plain local processes",
+    )  # fmt: skip
+    serve.add_argument("--admin-key", default=os.environ.get("TANDEM_ADMIN_KEY"),
+                       help=ADMIN_KEY_HELP)  # fmt: skip
+    serve.add_argument(
+        "--worker-host", default=None,
+        help="workers' bind address (default: their node's address; 127.0.0.1 locally)",
+    )  # fmt: skip
+    serve.add_argument("--start-timeout-s", type=float, default=300.0)
+    ray_group = serve.add_argument_group("ray launcher")
+    ray_group.add_argument(
+        "--address", default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to join (auto, host:port); default $RAY_ADDRESS (set by `ray job "
+        "submit`), else an embedded single-node cluster on 127.0.0.1",
+    )  # fmt: skip
+    ray_group.add_argument(
+        "--num-gpus-per-worker", type=int, default=None,
+        help="GPUs per worker, one multi-GPU bundle (its tensor-parallel size); default: 1 "
+        "when the cluster has GPUs, else 0",
+    )  # fmt: skip
+    ray_group.add_argument("--cpus-per-worker", type=float, default=1.0)
+    for pool in ("prefill", "decode"):
+        ray_group.add_argument(
+            f"--{pool}-placement", default="pack", choices=["pack", "spread"],
+            help=f"{pool} workers: on as few nodes as possible, or across nodes",
+        )  # fmt: skip
+    ray_group.add_argument(
+        "--max-restarts", type=int, default=5, help="Ray restarts of a crashed worker (-1: any)"
+    )
+    ray_group.add_argument(
+        "--ray-num-gpus", type=int, default=None,
+        help="embedded cluster only: GPUs to declare (default: detected; more fakes GPUs)",
+    )  # fmt: skip
+    ray_group.add_argument(
+        "--ray-num-cpus", type=int, default=None,
+        help="embedded cluster only: logical CPUs (default: detected)",
+    )  # fmt: skip
+    serve.set_defaults(func=cmd_serve, model_dir=model_dir)
+
+    scale = sub.add_parser("scale", help="resize the prefill and decode pools of a running server")
+    scale.add_argument("--url", default="http://127.0.0.1:8000", help="the router")
+    scale.add_argument("--prefill", type=int, default=None, help="prefill workers (default: keep)")
+    scale.add_argument("--decode", type=int, default=None, help="decode workers (default: keep)")
+    scale.add_argument("--admin-key", default=os.environ.get("TANDEM_ADMIN_KEY"),
+                       help=ADMIN_KEY_HELP)  # fmt: skip
+    scale.add_argument("--reason", default="tandem scale")
+    scale.add_argument("--no-wait", action="store_true", help="return once the target is set")
+    scale.add_argument("--timeout-s", type=float, default=600.0)
+    scale.set_defaults(func=cmd_scale)
+
+
+def _worker_args(args: argparse.Namespace) -> tuple[str, ...]:
+    out = [
+        "--dtype", args.dtype, "--device", args.device, "--load-format", args.load_format,
+        "--block-size", str(args.block_size), "--kv-cache-gib", str(args.kv_cache_gib),
+        "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+        "--max-num-seqs", str(args.max_num_seqs), "--engine-seed", str(args.engine_seed),
+    ]  # fmt: skip
+    if args.max_model_len is not None:
+        out += ["--max-model-len", str(args.max_model_len)]
+    if args.num_blocks is not None:
+        out += ["--num-blocks", str(args.num_blocks)]
+    if args.no_prefix_caching:
+        out.append("--no-prefix-caching")
+    return tuple(out)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deploy.app import ServeConfig, placement_table, router_spec, run_serve, worker_spec
+    from deploy.launcher import Launched, Launcher
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per controller poll
+    local_only = args.launcher == "local" or args.address is None
+    env = {}
+    if local_only:  # one machine: KV moves over loopback (UCX would pick every interface)
+        env["UCX_NET_DEVICES"] = os.environ.get("UCX_NET_DEVICES", "lo")
+    config = ServeConfig(
+        model_dir=Path(args.model_dir(args.model)).resolve(),
+        mode=args.mode,
+        num_prefill=args.prefill,
+        num_decode=args.decode,
+        host=args.host,
+        port=args.port,
+        worker_host=args.worker_host,
+        worker_args=_worker_args(args),
+        admin_key=args.admin_key or None,
+        env=env,
+        start_timeout_s=args.start_timeout_s,
+    )
+    launcher: Launcher
+    embedded = False
+    if args.launcher == "local":
+        from deploy.local_launcher import ProcessLauncher
+
+        launcher = ProcessLauncher(router_spec(config), lambda i, r: worker_spec(config, i, r))
+        where = "local processes"
+    else:
+        if args.address is None:
+            # Ray reads this at import: "local-only Ray", every Ray process on 127.0.0.1
+            # (otherwise it binds and dials the host's first interface even for one node)
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        import ray
+
+        from deploy.placement import PoolPlacement, Strategy
+        from deploy.ray_launcher import RayClusterConfig, RayLauncher, cluster_gpus, connect
+        from router.config import Role
+
+        embedded = args.address is None
+        connect(RayClusterConfig(args.address, args.ray_num_cpus, args.ray_num_gpus))
+        gpus = args.num_gpus_per_worker
+        if gpus is None:
+            gpus = 1 if cluster_gpus() > 0 else 0
+        placement = {
+            role: PoolPlacement(
+                gpus, args.cpus_per_worker, Strategy(getattr(args, f"{role.value}_placement"))
+            )
+            for role in Role
+        }
+        launcher = RayLauncher(
+            router_spec(config),
+            lambda i, r: worker_spec(config, i, r),
+            placement,
+            max_restarts=args.max_restarts,
+        )
+        where = "an embedded Ray cluster" if embedded else f"the Ray cluster at {args.address}"
+        where += f", {gpus} GPU(s) per worker"
+    print(
+        f"starting {args.prefill} prefill + {args.decode} decode workers ({args.mode}) on "
+        f"{where} for {config.model_dir} ...",
+        file=sys.stderr,
+        flush=True,
+    )
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()  # a graceful stop; a second signal gets the default action
+        again = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        signal.signal(signum, again)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    def on_ready(url: str, launched: list[Launched]) -> None:
+        name = config.model_dir.name
+        print(f"Tandem is serving {name} at {url}/v1", flush=True)
+        print(placement_table(launched), flush=True)
+        print(
+            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"""-d '{{"model": "{name}", "messages": """
+            f"""[{{"role": "user", "content": "What is the capital of France?"}}]}}'""",
+            flush=True,
+        )
+        print(f"  tandem scale --url {url} --prefill N --decode M", flush=True)
+
+    try:
+        return run_serve(config, launcher, stop, on_ready)
+    finally:
+        if embedded:
+            ray.shutdown()
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    import httpx
+
+    from deploy.admin_client import AdminClient, AdminError
+
+    admin = AdminClient(args.url, args.admin_key or None)
+    try:
+        return _scale(args, admin)
+    except (AdminError, httpx.HTTPError) as exc:
+        print(f"tandem scale: {args.url}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        admin.close()
+
+
+def _scale(args: argparse.Namespace, admin: AdminClient) -> int:
+    current = admin.scale_status().target
+    if current is None and (args.prefill is None or args.decode is None):
+        raise ValueError("the router has no target yet: give both --prefill and --decode")
+    prefill = args.prefill if args.prefill is not None or current is None else current.prefill
+    decode = args.decode if args.decode is not None or current is None else current.decode
+    status = admin.set_scale(prefill, decode, args.reason)
+    print(f"target: {prefill} prefill, {decode} decode (generation {status.generation})")
+    if args.no_wait:
+        return 0
+    deadline = time.monotonic() + args.timeout_s
+    while not status.settled():
+        if time.monotonic() > deadline:
+            print(f"tandem scale: not settled after {args.timeout_s:.0f} s: {status.pools}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        time.sleep(0.5)
+        status = admin.scale_status()
+    ready = ", ".join(f"{role.value} {p.ready} ready" for role, p in status.pools.items())
+    print(f"settled: {ready}")
+    return 0
