@@ -70,8 +70,10 @@ class ProfileConfig:
             raise ValueError("repeats and decode_steps must be >= 1")
 
 
-def run_profile(cfg: ProfileConfig, log: Any = sys.stderr) -> Profile:
-    """Build the engine, sweep, return the profile (also with `extra` info in cfg.extra)."""
+def run_profile(cfg: ProfileConfig, log: Any = None) -> Profile:
+    """Build the engine, sweep, return the profile (also with `extra` info in cfg.extra).
+    Progress goes to `log` (default: stderr)."""
+    log = sys.stderr if log is None else log
     import torch
 
     from engine.args import EngineArgs
