@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--admin-key", default=os.environ.get("TANDEM_ADMIN_KEY"),
         help="bearer token for /admin/* (default: $TANDEM_ADMIN_KEY; unset: no auth)",
     )  # fmt: skip
+    p.add_argument(
+        "--slo-ttft", type=float, default=None,
+        help="seconds; with --slo-itl: count goodput (choices within both) in /metrics",
+    )  # fmt: skip
+    p.add_argument("--slo-itl", type=float, default=None, help="seconds, mean per choice")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -79,6 +84,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         request_timeout_s=args.request_timeout_s,
         load_interval_s=args.load_interval_s,
         admin_key=args.admin_key or None,
+        slo_ttft_s=args.slo_ttft,
+        slo_itl_s=args.slo_itl,
     )
 
 

@@ -84,6 +84,10 @@ class RouterConfig:
     # `/admin/*` (worker registration, pool targets) needs `Authorization: Bearer <admin_key>`;
     # None: the admin API is open (the router binds loopback unless told otherwise).
     admin_key: str | None = field(default=None, repr=False)
+    # Goodput accounting (tandem_router_goodput_requests_total): a finished choice counts when
+    # its TTFT <= slo_ttft_s and its mean inter-token latency <= slo_itl_s; None: not counted.
+    slo_ttft_s: float | None = None
+    slo_itl_s: float | None = None
 
     def __post_init__(self) -> None:
         ids = [w.worker_id for w in (*self.decode_workers, *self.prefill_workers)]
@@ -97,6 +101,11 @@ class RouterConfig:
             raise ValueError("served_model_name must be non-empty")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if (self.slo_ttft_s is None) != (self.slo_itl_s is None):
+            raise ValueError("give both slo_ttft_s and slo_itl_s, or neither")
+        for slo in (self.slo_ttft_s, self.slo_itl_s):
+            if slo is not None and not slo > 0:
+                raise ValueError(f"SLO targets must be > 0, got {slo}")
         for name in ("request_timeout_s", "load_interval_s", "health_interval_s", "rpc_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

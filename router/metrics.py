@@ -69,6 +69,12 @@ class RouterMetrics:
             "Time between consecutive token messages of a choice, per token",
             buckets=_ITL_BUCKETS_S, registry=r,
         )  # fmt: skip
+        self.tpot_s = Histogram(
+            "tandem_router_time_per_output_token_seconds",
+            "Mean inter-token latency of each finished choice of two or more tokens (TPOT: "
+            "what an ITL SLO is judged on, as in DistServe and vllm bench serve --goodput)",
+            buckets=_ITL_BUCKETS_S, registry=r,
+        )  # fmt: skip
         self.e2e_s = Histogram(
             "tandem_router_e2e_request_latency_seconds", "Request arrival to the last token",
             buckets=_LATENCY_BUCKETS_S, registry=r,
@@ -117,7 +123,30 @@ class RouterMetrics:
             "tandem_router_finished_choices", "Finished choices by finish reason", ["reason"],
             registry=r,
         )  # fmt: skip
+        self._slo: tuple[float, float] | None = None  # (ttft, itl) seconds
+        self.goodput = Counter(
+            "tandem_router_goodput_requests",
+            "Finished choices within both SLOs (their TTFT <= --slo-ttft and TPOT <= --slo-itl); "
+            "stays 0 unless the router is given both",
+            registry=r,
+        )
+        slo = Gauge(
+            "tandem_router_slo_seconds", "The SLO targets the router counts goodput against",
+            ["slo"], registry=r,
+        )  # fmt: skip
+        if config.slo_ttft_s is not None and config.slo_itl_s is not None:
+            self._slo = (config.slo_ttft_s, config.slo_itl_s)
+            slo.labels("ttft").set(config.slo_ttft_s)
+            slo.labels("itl").set(config.slo_itl_s)
         r.register(_WorkerCollector(workers))
+
+    def observe_choice(self, ttft_s: float, gaps_s: list[float]) -> None:
+        """A finished choice: its TPOT, and whether it met the SLOs (goodput)."""
+        tpot_s = sum(gaps_s) / len(gaps_s) if gaps_s else 0.0
+        if gaps_s:
+            self.tpot_s.observe(tpot_s)
+        if self._slo is not None and ttft_s <= self._slo[0] and tpot_s <= self._slo[1]:
+            self.goodput.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

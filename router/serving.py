@@ -293,6 +293,7 @@ class Frontend:
             self.metrics.dispatch_s.observe(dispatch_s)
         call = client.generate(request, timeout_s=self.config.request_timeout_s)
         finished = False
+        first_token_s: float | None = None  # of this choice
         last_token_s: float | None = None
         gaps_s: list[float] = []  # per token; observed once at the end, off the per-token path
         try:
@@ -302,6 +303,7 @@ class Frontend:
                 self.registry.add_tokens(ticket, len(delta.token_ids))
                 if delta.token_ids:
                     if last_token_s is None:
+                        first_token_s = now
                         if timing.first_token_s is None:
                             timing.first_token_s = now
                             self.metrics.ttft_s.observe(now - timing.arrival_s)
@@ -329,6 +331,8 @@ class Frontend:
             for gap_s in gaps_s:
                 self.metrics.itl_s.observe(gap_s)
             self.metrics.generation_tokens.inc(ticket.context_tokens - len(choice.prompt_ids))
+            if finished and first_token_s is not None:
+                self.metrics.observe_choice(first_token_s - timing.arrival_s, gaps_s)
             if not finished:
                 call.cancel()
                 self._abort(decision.decode_worker_id, choice.request_id)
