@@ -87,6 +87,14 @@ class AdminClient:
         headers = {RECONCILER_HEADER: reconciler} if reconciler else None
         return _scale_status(self._call("GET", "/admin/scale", headers=headers))
 
+    def current_target(self) -> Target:
+        """The target, or, before anyone set one, the workers registered now."""
+        status = self.scale_status()
+        if status.target is not None:
+            return status.target
+        pools = status.pools
+        return Target(pools[Role.PREFILL].registered, pools[Role.DECODE].registered)
+
     def set_scale(self, prefill: int, decode: int, reason: str = "") -> ScaleStatus:
         body = {"prefill": prefill, "decode": decode, "reason": reason}
         return _scale_status(self._call("PUT", "/admin/scale", json=body))

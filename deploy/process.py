@@ -110,6 +110,7 @@ class ProcessInfo:
     name: str
     address: str  # host:port from its READY line
     pid: int
+    owner_pid: int  # the process that started it (a Ray actor's)
     node_id: str | None  # Ray node id; None outside Ray
     gpu_ids: tuple[str, ...]  # the accelerator ids Ray assigned to the owner
     cuda_visible_devices: str | None  # as the child process sees it

@@ -77,6 +77,7 @@ class ProcessActor:
             name=self._spec.name,
             address=self._child.address,
             pid=pid,
+            owner_pid=os.getpid(),
             node_id=self._node_id,
             gpu_ids=self._gpu_ids,
             cuda_visible_devices=cuda,
@@ -292,8 +293,11 @@ def _stop_actors(handles: list[Any]) -> None:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """A one-line reason. A failed __init__ comes as a traceback whose last line says why."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return lines[-1] if "creation task" in lines[0] else lines[0]
 
 
 @dataclass(frozen=True, slots=True)

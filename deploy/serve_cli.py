@@ -83,6 +83,32 @@ def add_parsers(sub: Any, model_dir: Any) -> None:
     scale.add_argument("--timeout-s", type=float, default=600.0)
     scale.set_defaults(func=cmd_scale)
 
+    planner = sub.add_parser(
+        "planner", help="size the pools to an SLO from the router's load and a capacity profile"
+    )
+    planner.add_argument("--url", default="http://127.0.0.1:8000", help="the router")
+    planner.add_argument("--profile", required=True, help="profile.json from `tandem profile`")
+    planner.add_argument("--slo-ttft", type=float, required=True, help="mean TTFT target, s")
+    planner.add_argument("--slo-itl", type=float, required=True, help="mean ITL target, s")
+    planner.add_argument("--gpu-budget", type=int, required=True, help="GPUs for both pools")
+    planner.add_argument("--gpus-per-worker", type=int, default=1)
+    planner.add_argument("--interval-s", type=float, default=30.0)
+    planner.add_argument(
+        "--scale-down-after", type=int, default=3,
+        help="intervals in a row below the current size before a pool shrinks",
+    )  # fmt: skip
+    planner.add_argument("--min-prefill", type=int, default=1)
+    planner.add_argument("--min-decode", type=int, default=1)
+    planner.add_argument("--dry-run", action="store_true", help="print decisions, apply none")
+    planner.add_argument("--metrics-host", default="127.0.0.1")
+    planner.add_argument(
+        "--metrics-port", type=int, default=9401,
+        help="where tandem_planner_* metrics are served (0: any free port, -1: none)",
+    )  # fmt: skip
+    planner.add_argument("--admin-key", default=os.environ.get("TANDEM_ADMIN_KEY"),
+                         help=ADMIN_KEY_HELP)  # fmt: skip
+    planner.set_defaults(func=cmd_planner)
+
 
 def _worker_args(args: argparse.Namespace) -> tuple[str, ...]:
     out = [
@@ -230,4 +256,56 @@ def _scale(args: argparse.Namespace, admin: AdminClient) -> int:
         status = admin.scale_status()
     ready = ", ".join(f"{role.value} {p.ready} ready" for role, p in status.pools.items())
     print(f"settled: {ready}")
+    return 0
+
+
+def cmd_planner(args: argparse.Namespace) -> int:
+    from prometheus_client import start_http_server
+
+    from deploy.admin_client import AdminClient
+    from deploy.capacity import SLO, Profile, Workload, recommend
+    from deploy.planner import PlannerConfig, PlannerLoop, PlannerMetrics, Sizing
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    profile = Profile.load(args.profile)
+    slo = SLO(args.slo_ttft, args.slo_itl)
+    config = PlannerConfig(
+        slo_ttft_s=args.slo_ttft,
+        slo_itl_s=args.slo_itl,
+        gpu_budget=args.gpu_budget,
+        gpus_per_prefill=args.gpus_per_worker,
+        gpus_per_decode=args.gpus_per_worker,
+        min_prefill=args.min_prefill,
+        min_decode=args.min_decode,
+        scale_down_after=args.scale_down_after,
+    )
+    if not args.interval_s > 0:
+        raise ValueError(f"--interval-s must be > 0, got {args.interval_s}")
+
+    def sizing(rate_rps: float, isl: float, osl: float, max_workers: int) -> Sizing:
+        return recommend(profile, Workload(rate_rps, isl, osl), slo, gpu_budget=max_workers)
+
+    metrics = PlannerMetrics(config, args.dry_run)
+    if args.metrics_port >= 0:
+        server, _ = start_http_server(
+            args.metrics_port, addr=args.metrics_host, registry=metrics.registry
+        )
+        print(f"planner metrics at http://{args.metrics_host}:{server.server_port}/metrics",
+              flush=True)  # fmt: skip
+    admin = AdminClient(args.url, args.admin_key or None)
+    loop = PlannerLoop(admin, config, sizing, metrics, dry_run=args.dry_run)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    mode = "dry run: nothing is applied" if args.dry_run else "applying through /admin/scale"
+    print(
+        f"planner: {args.url}, SLO ttft {args.slo_ttft} s itl {args.slo_itl} s, budget "
+        f"{args.gpu_budget} GPUs, every {args.interval_s} s ({mode})",
+        flush=True,
+    )
+    try:
+        loop.run(stop, args.interval_s)
+    finally:
+        admin.close()
     return 0
