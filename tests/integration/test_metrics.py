@@ -117,8 +117,9 @@ def test_counters_equal_the_ground_truth(cluster: LocalCluster) -> None:
     pools = by_pool(cluster)
     # streamed responses finish their timing just after [DONE]: wait for the last one
     wait_for(
-        lambda: value(scrape(pools["router"]), "tandem_router_e2e_request_latency_seconds_count")
-        == NUM,
+        lambda: (
+            value(scrape(pools["router"]), "tandem_router_e2e_request_latency_seconds_count") == NUM
+        ),
         "the router's e2e count",
     )
     r = scrape(pools["router"])
