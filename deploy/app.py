@@ -89,6 +89,7 @@ def run_serve(
     controller_config: ControllerConfig | None = None,
 ) -> int:
     """Serve until `stop` is set; returns the exit code. Always shuts the launcher down."""
+    admin: AdminClient | None = None
     try:
         url = launcher.start_router()
         admin = AdminClient(url, config.admin_key)
@@ -104,6 +105,8 @@ def run_serve(
         print(f"tandem: {exc}", file=sys.stderr)
         return 1
     finally:
+        if admin is not None:
+            admin.close()
         launcher.shutdown()
     return 0
 
