@@ -47,7 +47,7 @@ class BenchConfig:
     kv_cache_gib: float
     max_num_batched_tokens: int | None  # None: the engine's own default
     max_num_seqs: int | None
-    torch_threads: int | None  # Tandem only: torch.set_num_threads; None: torch's default
+    torch_threads: int | None  # Tandem only: the engine's num_threads; None: its default
 
 
 def normal_token_ids(model_dir: Path) -> tuple[list[int], str]:
@@ -79,9 +79,9 @@ def tandem_generate(cfg: BenchConfig) -> tuple[Generate, dict[str, Any]]:
 
     from engine import LLM, SamplingParams
 
-    if cfg.torch_threads is not None:
-        torch.set_num_threads(cfg.torch_threads)
     extra: dict[str, Any] = {}
+    if cfg.torch_threads is not None:
+        extra["num_threads"] = cfg.torch_threads
     if cfg.max_num_batched_tokens is not None:
         extra["max_num_batched_tokens"] = cfg.max_num_batched_tokens
     if cfg.max_num_seqs is not None:
@@ -264,7 +264,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, bool]:
         "--torch-threads",
         type=int,
         default=None,
-        help="Tandem only: torch.set_num_threads (vLLM binds its own OpenMP threads)",
+        help="Tandem only: the engine's num_threads (vLLM binds its own OpenMP threads)",
     )
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     a = p.parse_args(argv)

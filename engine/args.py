@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,10 @@ class EngineArgs:
     max_num_seqs: int = 256
     enable_prefix_caching: bool = True
     seed: int = 0
+    # None: on CPU all cores but one (the one left runs the caller's loop, gRPC and the OS;
+    # two OpenMP threads on two shared cores stall whenever either is descheduled, see
+    # docs/benchmarks.md), on CUDA 1 (the GPU does the work)
+    num_threads: int | None = None
 
     def resolve(self) -> EngineConfig:
         model_dir = Path(self.model).expanduser()
@@ -61,6 +66,7 @@ class EngineArgs:
             max_num_seqs=self.max_num_seqs,
             enable_prefix_caching=self.enable_prefix_caching,
             seed=self.seed,
+            num_threads=self.num_threads or (max(1, (os.cpu_count() or 1) - 1)),
         )
 
 
@@ -77,6 +83,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument(
+        "--num-threads", type=int, default=None, help="torch threads (default: CPU cores - 1)"
+    )
     p.add_argument("--engine-seed", type=int, default=0, help="dummy weights and unseeded sampling")
 
 
@@ -94,4 +103,5 @@ def engine_args_from(ns: argparse.Namespace, model_dir: str) -> EngineArgs:
         max_num_seqs=ns.max_num_seqs,
         enable_prefix_caching=not ns.no_prefix_caching,
         seed=ns.engine_seed,
+        num_threads=ns.num_threads,
     )

@@ -120,6 +120,7 @@ class EngineConfig:
     max_num_seqs: int = 256  # running requests per step
     enable_prefix_caching: bool = True
     seed: int = 0  # dummy weights and unseeded sampling
+    num_threads: int = 1  # torch intra-op threads for the forward pass (CPU device)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -141,6 +142,8 @@ class EngineConfig:
                 f"the model attends over a sliding window of {window} tokens, which this engine "
                 f"does not implement; pass max_model_len <= {window}"
             )
+        if self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_num_batched_tokens and max_num_seqs must be >= 1")
         blocks_per_seq = -(-self.max_model_len // self.block_size)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from engine import cpu_linear
 from engine.attention import AttentionMetadata, PrefillSpan
 from engine.config import EngineConfig
 from engine.kv_cache import TORCH_DTYPES, KVCache
@@ -35,6 +36,8 @@ class ModelRunner:
         """num_valid_tokens: the tokenizer's vocabulary size when it is smaller than the model's."""
         self.config = config
         self.device = torch.device(config.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.num_threads)  # process-wide: one engine per process
         dtype = TORCH_DTYPES[config.dtype]
         with torch.device(self.device):
             previous = torch.get_default_dtype()
@@ -48,6 +51,10 @@ class ModelRunner:
             init_dummy(self.model, config.seed)
         else:
             load_safetensors(self.model, config.model_dir)
+        if cpu_linear.supported(self.device, dtype):
+            cpu_linear.pack_linears(self.model)
+            if self.model.lm_head is None:  # tied: a packed copy of the embedding for logits
+                self.model.lm_head = cpu_linear.PackedLinear(self.model.embed_tokens.weight, None)
         self.kv_cache = KVCache(kv_layout_for(config), self.device)
         self.sampler = Sampler(config.model.vocab_size, self.device, config.seed, num_valid_tokens)
 
