@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
+import queue
 import signal
 import subprocess
 import sys
@@ -44,6 +44,7 @@ class Child:
     name: str
     proc: subprocess.Popen[str]
     address: str = ""  # host:port announced on the READY line
+    ready: queue.Queue[str] = field(default_factory=queue.Queue)  # the READY address, once
 
 
 @dataclass(slots=True)
@@ -122,33 +123,38 @@ def spawn(name: str, module: str, args: list[str]) -> Child:
         env=env,
         start_new_session=True,  # our own process group: stop_children signals it by PGID
     )
-    return Child(name, proc)
+    child = Child(name, proc)
+    # One reader per child, for its whole life: it hands the READY line over and forwards
+    # everything else to our stderr. (select() on the pipe plus a buffered readline() misses
+    # lines that arrive together, and an unread pipe blocks the child once it is full.)
+    threading.Thread(target=_read_stdout, args=(child,), daemon=True).start()
+    return child
 
 
 def wait_ready(child: Child, timeout_s: float) -> str:
-    """Read the child's stdout until `READY <name> <host:port>`; return host:port."""
-    assert child.proc.stdout is not None
+    """Wait for the child's `READY <name> <host:port>` line; return host:port."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if child.proc.poll() is not None:
-            raise RuntimeError(f"{child.name} exited with {child.proc.returncode} at start")
-        ready, _, _ = select.select([child.proc.stdout], [], [], 0.5)
-        if not ready:
-            continue
-        parts = child.proc.stdout.readline().split()
-        if len(parts) == 3 and parts[0] == "READY":
-            child.address = parts[2]
-            # keep draining: a child blocks forever once its unread stdout pipe is full
-            threading.Thread(target=_forward, args=(child,), daemon=True).start()
+        try:
+            child.address = child.ready.get(timeout=0.5)
             return child.address
+        except queue.Empty:
+            if child.proc.poll() is not None and child.ready.empty():
+                raise RuntimeError(
+                    f"{child.name} exited with {child.proc.returncode} at start"
+                ) from None
     raise TimeoutError(f"{child.name} not ready after {timeout_s} s")
 
 
-def _forward(child: Child) -> None:
+def _read_stdout(child: Child) -> None:
     assert child.proc.stdout is not None
     with contextlib.suppress(ValueError, OSError):  # the pipe is closed by stop_children
         for line in child.proc.stdout:
-            sys.stderr.write(f"[{child.name}] {line}")
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "READY" and child.ready.empty():
+                child.ready.put(parts[2])
+            else:
+                sys.stderr.write(f"[{child.name}] {line}")
 
 
 def stop_children(children: list[Child], timeout_s: float = 15.0) -> None:
