@@ -109,25 +109,43 @@ class Profile:
         }  # fmt: skip
 
     # ---- the measured curves ----------------------------------------------------------------
+    # Measured times are noisy (a loaded machine, a GPU bound by launch overhead, where more
+    # work can take a hair less time). More tokens never cost less, so each curve is made
+    # non-decreasing (a running maximum) before interpolating: noise can only make the model
+    # more conservative, and extending an end segment never slopes down.
+
     def prefill_time_s(self, input_len: float) -> float:
         """Linear in input_len between points, extended along the end segments."""
         points = sorted((p.input_len, p.time_s) for p in self.prefill)
         if len(points) == 1:  # one point: proportional to the prompt length
             return points[0][1] * input_len / points[0][0]
-        return max(_interp([x for x, _ in points], [y for _, y in points], input_len), 1e-9)
+        lens, times = [x for x, _ in points], _running_max([y for _, y in points])
+        return max(_interp(lens, times, input_len), 1e-9)
 
     def decode_step_time_s(self, batch_size: float, context_len: float) -> float:
         """Linear in batch size at each profiled context, then linear in context between the
         two nearest profiled contexts (both extended along the end segments)."""
         contexts = sorted({d.context_len for d in self.decode})
-        times = [self._at_context(c, batch_size) for c in contexts]
+        times = _running_max([self._at_context(c, batch_size) for c in contexts])
         return max(_interp(contexts, times, context_len), 1e-9)
 
     def _at_context(self, context_len: int, batch_size: float) -> float:
         points = sorted(
             (d.batch_size, d.step_time_s) for d in self.decode if d.context_len == context_len
         )
-        return _interp([x for x, _ in points], [y for _, y in points], batch_size)
+        batches, times = [x for x, _ in points], _running_max([y for _, y in points])
+        return _interp(batches, times, batch_size)
+
+    def extrapolations(self, input_len: float, context_len: float) -> list[str]:
+        """Where a query at (input_len, context_len) leaves the measured range, in words."""
+        notes = []
+        longest = max(p.input_len for p in self.prefill)
+        if input_len > longest:
+            notes.append(f"ISL {input_len:g} > the longest profiled prompt {longest}")
+        widest = max(d.context_len for d in self.decode)
+        if context_len > widest:
+            notes.append(f"context {context_len:g} > the longest profiled context {widest}")
+        return notes
 
     @property
     def max_batch_size(self) -> int:
@@ -214,7 +232,8 @@ def collocated_at(
         return None
     b = 0.0
     for _ in range(200):  # b = lam * OSL * t(b) / share: a contraction where a steady state exists
-        nxt = rate_rps * workload.osl * profile.decode_step_time_s(b, ctx) / share
+        # a step runs at least one request (below one, the worker idles between steps)
+        nxt = rate_rps * workload.osl * profile.decode_step_time_s(max(b, 1.0), ctx) / share
         if nxt > profile.max_batch_size:
             return None
         if abs(nxt - b) < 1e-9:
@@ -223,7 +242,7 @@ def collocated_at(
         b = nxt
     else:
         return None
-    step_s = profile.decode_step_time_s(b, ctx)
+    step_s = profile.decode_step_time_s(max(b, 1.0), ctx)
     wait_s = rate_rps * s * s / (2 * share)
     return CollocatedCapacity(rate_rps, b, step_s / share, s + step_s + wait_s)
 
@@ -294,7 +313,7 @@ def recommend(
     disagg_key = (-disagg_goodput, n_p + n_d, 1)
     colloc_key = (-colloc_goodput, n_c, 0)
     preferred = "collocated" if colloc_key <= disagg_key else "disagg"
-    reason = _explain(workload, slo, p, d, c, (n_p, n_d, n_c), preferred, gpu_budget)
+    reason = _explain(profile, workload, slo, p, d, c, (n_p, n_d, n_c), preferred, gpu_budget)
     return Recommendation(
         num_prefill=n_p,
         num_decode=n_d,
@@ -329,6 +348,7 @@ def _best_split(rate: float, p_rps: float, d_rps: float, budget: int) -> tuple[i
 
 
 def _explain(
+    profile: Profile,
     w: Workload,
     slo: SLO,
     p: PrefillCapacity,
@@ -357,8 +377,9 @@ def _explain(
             f"context {d.context_len:g}: no decode worker meets it"
         )
     else:
+        cap = " (the largest profiled batch)" if d.batch_size == profile.max_batch_size else ""
         parts.append(
-            f"decode batch {d.batch_size} at context {d.context_len:g} steps in "
+            f"decode batch {d.batch_size}{cap} at context {d.context_len:g} steps in "
             f"{d.step_time_s:.3g} s <= ITL {slo.itl_s:g} s: {d.rps:.3g} req/s per worker"
         )
     if c.rps == 0:
@@ -368,12 +389,22 @@ def _explain(
             f"collocated {c.rps:.3g} req/s per worker (batch {c.batch_size:.3g}, prefill "
             f"stretches ITL to {c.itl_s:.3g} s, TTFT {c.ttft_s:.3g} s)"
         )
+    notes = profile.extrapolations(w.isl, d.context_len)
+    if notes:
+        parts.append("extrapolated: " + ", ".join(notes) + " (profile wider to be sure)")
     limit = f" within {budget} GPUs" if budget is not None else ""
     choice = (
         f"disagg {n_p}P+{n_d}D = {n_p + n_d} GPUs" if preferred == "disagg" else f"collocated {n_c}"
     )
     other = f"collocated {n_c}" if preferred == "disagg" else f"disagg {n_p}P+{n_d}D = {n_p + n_d}"
     return f"{choice}{limit} (vs {other}): " + "; ".join(parts)
+
+
+def _running_max(ys: list[float]) -> list[float]:
+    out: list[float] = []
+    for y in ys:
+        out.append(max(y, out[-1]) if out else y)
+    return out
 
 
 def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:

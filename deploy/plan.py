@@ -175,10 +175,14 @@ def format_recommendation(
         f"disaggregated: {rec.num_prefill} prefill + {rec.num_decode} decode workers "
         f"({rec.num_prefill + rec.num_decode} GPUs), goodput {rec.disagg_goodput_rps:.3g} req/s"
     )
+    if rec.prefill_rps_per_worker == 0 or rec.decode_rps_per_worker == 0:
+        disagg = "disaggregated: cannot meet the SLO at any size (see reason)"
     colloc = (
         f"collocated: {rec.collocated_workers} workers ({rec.collocated_workers} GPUs), "
         f"goodput {rec.collocated_goodput_rps:.3g} req/s"
     )
+    if rec.collocated_rps_per_worker == 0:
+        colloc = "collocated: cannot meet the SLO at any size (see reason)"
     first, second = (disagg, colloc) if rec.preferred == "disagg" else (colloc, disagg)
     budget = f", at most {gpu_budget} GPUs" if gpu_budget is not None else ""
     lines = [

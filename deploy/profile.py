@@ -225,6 +225,8 @@ def plot_profile(profile: Profile, out: Path) -> list[Path]:
     for a in ax:
         a.grid(alpha=0.3)
         a.set_ylim(bottom=0)
+        if max(lens) >= 16 * min(lens):
+            a.set_xscale("log", base=2)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(prefill_png, dpi=110)

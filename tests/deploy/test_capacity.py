@@ -144,3 +144,21 @@ def test_profile_validation(tmp_path: Path) -> None:
         Workload(1, 0, 10)
     with pytest.raises(ValueError):
         recommend(one, Workload(1, 10, 10), SLO(1, 1), gpu_budget=0)
+
+
+def test_the_measured_h100_profile_gives_what_the_doc_says() -> None:
+    h100 = Profile.load(DOC.parent / "profiles" / "llama-3.1-8b-h100.json")
+    workload = Workload(rate_rps=20, isl=1500, osl=200)
+    tight = recommend(h100, workload, SLO(ttft_s=0.3, itl_s=0.06))
+    assert (tight.num_prefill, tight.num_decode, tight.collocated_workers) == (2, 2, 8)
+    assert tight.preferred == "disagg" and tight.decode_batch_size == 128
+    assert "(the largest profiled batch)" in tight.reason
+    loose = recommend(h100, workload, SLO(ttft_s=0.3, itl_s=0.08))
+    assert (loose.num_prefill + loose.num_decode, loose.collocated_workers) == (4, 4)
+    assert loose.preferred == "collocated"
+    # noise is ironed out: more tokens never cost less
+    times = [h100.decode_step_time_s(b, 2048) for b in (1, 8, 32, 64, 128)]
+    assert times == sorted(times)
+    # beyond the profiled contexts the reason says so
+    far = recommend(h100, Workload(20, 3000, 150), SLO(0.5, 0.08))
+    assert "context 3075 > the longest profiled context 2048" in far.reason
