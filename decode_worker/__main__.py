@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Before torch allocates anything: big CPU tensors (the KV pool) on transparent huge pages make
+# cross-process copies (UCX CMA) pin 512x fewer pages; NIXL's INFO logs would go to stdout.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+
 import argparse
 import asyncio
 

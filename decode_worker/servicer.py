@@ -17,7 +17,6 @@ import grpc
 
 from engine.async_engine import AsyncEngine
 from engine.block_manager import OutOfBlocks
-from engine.engine import Engine
 from engine.outputs import RequestOutput
 from engine.plan import TokenLogprob
 from engine.sampling_params import SamplingParams
@@ -52,7 +51,7 @@ class PrefillClients:
             await channel.close()
 
 
-class DecodeServicer(pb_grpc.DecodeWorkerServicer):
+class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
     def __init__(
         self,
         identity: worker_rpc.WorkerIdentity,
@@ -162,32 +161,6 @@ class DecodeServicer(pb_grpc.DecodeWorkerServicer):
             await self.sink.abort(rid)
             await self.sink.released(rid)
         await self.engine.call(lambda e: e.cancel_kv_reservation(rid))
-
-    async def Abort(
-        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
-    ) -> pb.AbortResponse:
-        def abort(engine: Engine) -> bool:
-            found = request.request_id in engine.scheduler.requests
-            engine.abort(request.request_id)
-            return found
-
-        return pb.AbortResponse(found=await self.engine.call(abort))
-
-    async def Health(
-        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
-    ) -> pb.HealthResponse:
-        return worker_rpc.health(self.identity, self.engine)
-
-    async def Load(
-        self, request: pb.LoadRequest, context: grpc.aio.ServicerContext
-    ) -> pb.WorkerLoad:
-        return worker_rpc.load(self.identity, self.engine)
-
-    async def KVEvents(
-        self, request: pb.KVEventsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.KVEvent]:
-        async for event in worker_rpc.kv_events(self.engine):
-            yield event
 
 
 def _to_proto(out: RequestOutput) -> pb.GenerateResponse:

@@ -209,6 +209,16 @@ class AsyncEngine:
             if not finished and self.error is None:
                 self._commands.put(lambda engine: engine.abort(request_id))
 
+    async def abort_request(self, request_id: str) -> bool:
+        """Abort a queued or running request; False when it is unknown (finished already)."""
+
+        def abort(engine: Engine) -> bool:
+            found = request_id in engine.scheduler.requests
+            engine.abort(request_id)
+            return found
+
+        return await self.call(abort)
+
     def subscribe_kv_events(self) -> asyncio.Queue[KVCacheEvent]:
         sub: asyncio.Queue[KVCacheEvent] = asyncio.Queue()
         self._kv_subscribers.add(sub)

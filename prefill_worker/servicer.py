@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator
 
 import grpc
 
 from engine.async_engine import AsyncEngine
-from engine.engine import Engine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from kv_transfer.base import KVHandle, SendFailed
@@ -26,7 +24,7 @@ from runtime import worker_rpc
 from runtime.wire import logprob_to_proto, sampling_kwargs
 
 
-class PrefillServicer(pb_grpc.PrefillWorkerServicer):
+class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
     def __init__(
         self, identity: worker_rpc.WorkerIdentity, engine: AsyncEngine, source: SourceThread
     ) -> None:
@@ -82,32 +80,6 @@ class PrefillServicer(pb_grpc.PrefillWorkerServicer):
             lp = last.new_logprobs[0]
             response.first_logprob.CopyFrom(logprob_to_proto(lp.token_id, lp.logprob, lp.top))
         return response
-
-    async def Abort(
-        self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
-    ) -> pb.AbortResponse:
-        def abort(engine: Engine) -> bool:
-            found = request.request_id in engine.scheduler.requests
-            engine.abort(request.request_id)
-            return found
-
-        return pb.AbortResponse(found=await self.engine.call(abort))
-
-    async def Health(
-        self, request: pb.HealthRequest, context: grpc.aio.ServicerContext
-    ) -> pb.HealthResponse:
-        return worker_rpc.health(self.identity, self.engine)
-
-    async def Load(
-        self, request: pb.LoadRequest, context: grpc.aio.ServicerContext
-    ) -> pb.WorkerLoad:
-        return worker_rpc.load(self.identity, self.engine)
-
-    async def KVEvents(
-        self, request: pb.KVEventsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.KVEvent]:
-        async for event in worker_rpc.kv_events(self.engine):
-            yield event
 
 
 def _handle_from_proto(msg: pb.KVHandle) -> KVHandle:

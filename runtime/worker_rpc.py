@@ -35,6 +35,7 @@ class EngineView(Protocol):
     def subscribe_kv_events(self) -> asyncio.Queue[CacheEvent]: ...
     def unsubscribe_kv_events(self, sub: asyncio.Queue[CacheEvent]) -> None: ...
     async def cached_block_hashes(self) -> list[int]: ...
+    async def abort_request(self, request_id: str) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,3 +85,26 @@ async def kv_events(engine: EngineView) -> AsyncIterator[pb.KVEvent]:
             yield pb.KVEvent(stored_block_hashes=event.stored, removed_block_hashes=event.removed)
     finally:
         engine.unsubscribe_kv_events(sub)
+
+
+class WorkerRpcs:
+    """The RPCs both roles serve identically; a role's servicer inherits them next to its
+    generated servicer base and sets `identity` and `engine`."""
+
+    identity: WorkerIdentity
+    engine: EngineView
+
+    async def Abort(self, request: pb.AbortRequest, context: object) -> pb.AbortResponse:
+        return pb.AbortResponse(found=await self.engine.abort_request(request.request_id))
+
+    async def Health(self, request: pb.HealthRequest, context: object) -> pb.HealthResponse:
+        return health(self.identity, self.engine)
+
+    async def Load(self, request: pb.LoadRequest, context: object) -> pb.WorkerLoad:
+        return load(self.identity, self.engine)
+
+    async def KVEvents(
+        self, request: pb.KVEventsRequest, context: object
+    ) -> AsyncIterator[pb.KVEvent]:
+        async for event in kv_events(self.engine):
+            yield event
