@@ -177,8 +177,9 @@ def format_recommendation(
     )
     if rec.prefill_rps_per_worker == 0 or rec.decode_rps_per_worker == 0:
         disagg = "disaggregated: cannot meet the SLO at any size (see reason)"
+    n = rec.collocated_workers
     colloc = (
-        f"collocated: {rec.collocated_workers} workers ({rec.collocated_workers} GPUs), "
+        f"collocated: {n} worker{'s' if n != 1 else ''} ({n} GPU{'s' if n != 1 else ''}), "
         f"goodput {rec.collocated_goodput_rps:.3g} req/s"
     )
     if rec.collocated_rps_per_worker == 0:
