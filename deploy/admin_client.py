@@ -49,10 +49,17 @@ class ScaleStatus:
 
 
 class AdminClient:
-    def __init__(self, url: str, admin_key: str | None = None, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        admin_key: str | None = None,
+        timeout_s: float = 5.0,
+        http: httpx.Client | None = None,  # tests pass FastAPI's TestClient
+    ) -> None:
         self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
-        self._http = httpx.Client(headers=headers, timeout=timeout_s)
+        self._http = http if http is not None else httpx.Client(timeout=timeout_s)
+        if admin_key:
+            self._http.headers["Authorization"] = f"Bearer {admin_key}"
 
     def close(self) -> None:
         self._http.close()
