@@ -78,9 +78,12 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         prompt = list(request.prompt_token_ids)
         start = time.monotonic()
         kv_transfer_s = 0.0
+        remote_cached: int | None = None  # prompt tokens the prefill worker had cached
         try:
             if request.prefill.WhichOneof("where") == "remote":
-                outputs, kv_transfer_s = await self._remote_prefill(request, prompt, params)
+                outputs, kv_transfer_s, remote_cached = await self._remote_prefill(
+                    request, prompt, params
+                )
             else:
                 outputs = self.engine.generate(rid, prompt, params)
             num_tokens = 0
@@ -92,6 +95,8 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
                 num_tokens += len(out.new_token_ids)
                 if out.finished:
                     msg.usage.completion_tokens = num_tokens
+                    if remote_cached is not None:
+                        msg.usage.cached_tokens = remote_cached
                 yield msg
         except ValueError as e:  # the engine refused the request (prompt too long, bad ids...)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -102,11 +107,11 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
 
     async def _remote_prefill(
         self, request: pb.GenerateRequest, prompt: list[int], params: SamplingParams
-    ) -> tuple[AsyncIterator[RequestOutput], float]:
+    ) -> tuple[AsyncIterator[RequestOutput], float, int]:
         """Reserve blocks, have the prefill worker write the prompt's KV into them, admit.
 
-        Returns the request's output stream (its first output is the prefill worker's token)
-        and the time the KV took to land after prefill (seconds).
+        Returns the request's output stream (its first output is the prefill worker's token),
+        the KV write time (seconds) and the prompt tokens the prefill worker had cached.
         """
         if self.sink is None:
             raise RemotePrefillFailed("this decode worker has no KV sink (started without one)")
@@ -148,7 +153,7 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
                 rid, prompt, reply.first_token_id, params, first_logprob
             )
             admitted = True
-            return outputs, reply.kv_transfer_s
+            return outputs, reply.kv_transfer_s, reply.cached_tokens
         finally:
             if not admitted:
                 # abort is a no-op for a transfer that already ended; the blocks are freed only
