@@ -230,8 +230,12 @@ class RayLauncher:
 
     def stop(self, worker_id: str) -> None:
         a = self._actors[worker_id]
+        starting = a.phase is Phase.STARTING
         a.phase = Phase.STOPPING
         a.info_ref = None
+        if starting:  # still placing or loading (stop() would queue behind it): kill it now
+            a.stop_deadline = 0.0
+            return
         a.stop_ref = a.handle.stop.remote(STOP_GRACE_S)
         a.stop_deadline = time.monotonic() + STOP_GRACE_S + 15.0
 

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,8 @@ from engine.args import add_engine_args
 
 if TYPE_CHECKING:
     from deploy.admin_client import AdminClient
+    from deploy.app import ServeConfig
+    from deploy.launcher import Launcher
 
 ADMIN_KEY_HELP = "bearer token of the router's /admin API (default: $TANDEM_ADMIN_KEY)"
 
@@ -127,8 +130,8 @@ def _worker_args(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from deploy.app import ServeConfig, placement_table, router_spec, run_serve, worker_spec
-    from deploy.launcher import Launched, Launcher
+    from deploy.app import ServeConfig, placement_table, run_serve
+    from deploy.launcher import Launched
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per controller poll
@@ -149,43 +152,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         env=env,
         start_timeout_s=args.start_timeout_s,
     )
-    launcher: Launcher
-    embedded = False
-    if args.launcher == "local":
-        from deploy.local_launcher import ProcessLauncher
-
-        launcher = ProcessLauncher(router_spec(config), lambda i, r: worker_spec(config, i, r))
-        where = "local processes"
-    else:
-        if args.address is None:
-            # Ray reads this at import: "local-only Ray", every Ray process on 127.0.0.1
-            # (otherwise it binds and dials the host's first interface even for one node)
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        import ray
-
-        from deploy.placement import PoolPlacement, Strategy
-        from deploy.ray_launcher import RayClusterConfig, RayLauncher, cluster_gpus, connect
-        from router.config import Role
-
-        embedded = args.address is None
-        connect(RayClusterConfig(args.address, args.ray_num_cpus, args.ray_num_gpus))
-        gpus = args.num_gpus_per_worker
-        if gpus is None:
-            gpus = 1 if cluster_gpus() > 0 else 0
-        placement = {
-            role: PoolPlacement(
-                gpus, args.cpus_per_worker, Strategy(getattr(args, f"{role.value}_placement"))
-            )
-            for role in Role
-        }
-        launcher = RayLauncher(
-            router_spec(config),
-            lambda i, r: worker_spec(config, i, r),
-            placement,
-            max_restarts=args.max_restarts,
-        )
-        where = "an embedded Ray cluster" if embedded else f"the Ray cluster at {args.address}"
-        where += f", {gpus} GPU(s) per worker"
+    embedded = args.launcher == "ray" and args.address is None
+    launcher, where = _launcher(args, config)
     print(
         f"starting {args.prefill} prefill + {args.decode} decode workers ({args.mode}) on "
         f"{where} for {config.model_dir} ...",
@@ -218,7 +186,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return run_serve(config, launcher, stop, on_ready)
     finally:
         if embedded:
+            import ray
+
             ray.shutdown()
+
+
+def _launcher(args: argparse.Namespace, config: ServeConfig) -> tuple[Launcher, str]:
+    """The launcher the flags ask for, connected; and a phrase saying where it runs things."""
+    from deploy.app import router_spec, worker_spec
+
+    if args.launcher == "local":
+        from deploy.local_launcher import ProcessLauncher
+
+        return ProcessLauncher(router_spec(config), partial(worker_spec, config)), "local processes"
+    if args.address is None:
+        # Ray reads this at import: "local-only Ray", every Ray process on 127.0.0.1
+        # (otherwise it binds and dials the host's first interface even for one node)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from deploy.placement import PoolPlacement, Strategy
+    from deploy.ray_launcher import RayClusterConfig, RayLauncher, cluster_gpus, connect
+    from router.config import Role
+
+    connect(RayClusterConfig(args.address, args.ray_num_cpus, args.ray_num_gpus))
+    gpus = args.num_gpus_per_worker
+    if gpus is None:  # nothing assumes CPU: a worker per GPU wherever there are GPUs
+        gpus = 1 if cluster_gpus() > 0 else 0
+    placement = {
+        role: PoolPlacement(
+            gpus, args.cpus_per_worker, Strategy(getattr(args, f"{role.value}_placement"))
+        )
+        for role in Role
+    }
+    launcher = RayLauncher(
+        router_spec(config),
+        partial(worker_spec, config),
+        placement,
+        max_restarts=args.max_restarts,
+    )
+    where = (
+        "an embedded Ray cluster" if args.address is None else f"the Ray cluster at {args.address}"
+    )
+    return launcher, f"{where}, {gpus} GPU(s) per worker"
 
 
 def cmd_scale(args: argparse.Namespace) -> int:

@@ -71,7 +71,7 @@ def processes_of(markers: list[str]) -> list[int]:
     return sorted(found)
 
 
-def stop_processes(pids: list[int], timeout_s: float = 20) -> None:
+def stop_processes(pids: list[int], timeout_s: float = 10) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):

@@ -106,6 +106,11 @@ def test_gpus_restarts_and_release(ray_cluster: Any) -> None:
         assert after["decode-4"].gpu_ids == freed
         assert not alive(launched["prefill-0"].pid or 0)
         pids.append(after["decode-4"].pid or 0)
+
+        lau.start("decode-5", D, 5)  # waits for a GPU; a stop while it waits is immediate
+        time.sleep(1)
+        lau.stop("decode-5")
+        wait_for(lau, lambda ws: "decode-5" not in ws, timeout_s=5)
     finally:
         lau.shutdown()
     deadline = time.monotonic() + 20
