@@ -251,7 +251,9 @@ def decide(
             cur = current.of(role)
             if seen is not None and seen > slo and wanted[role] <= cur:
                 wanted[role] = cur + 1
-                notes[role].append(f"{name} {seen * 1e3:.0f} ms > SLO {slo * 1e3:.0f} ms")
+                notes[role].append(
+                    f"{name} {seen * 1e3:.0f} ms > SLO {slo * 1e3:.0f} ms: one more than {cur}"
+                )
     minimum = {Role.PREFILL: config.min_prefill, Role.DECODE: config.min_decode}
     gpus_per = {Role.PREFILL: config.gpus_per_prefill, Role.DECODE: config.gpus_per_decode}
     for role in Role:  # within [min, what the budget leaves once the other pool has its min]
@@ -269,7 +271,7 @@ def decide(
         cur, want, window = current.of(role), wanted[role], recent[role]
         if want > cur:
             sizes[role], actions[role] = want, Action.UP
-            notes[role].insert(0, f"model wants {want}")
+            notes[role].insert(0, f"wants {want}")
         elif want == cur:
             sizes[role], actions[role] = cur, Action.STEADY
             notes[role].insert(0, "at the recommendation")
@@ -279,7 +281,7 @@ def decide(
         else:
             below = _trailing_below(window, cur)
             sizes[role], actions[role] = cur, Action.HOLD
-            notes[role].insert(0, f"model wants {want}, {below}/{config.scale_down_after} "
+            notes[role].insert(0, f"wants {want}, {below}/{config.scale_down_after} "
                                   "intervals below")  # fmt: skip
 
     # the budget: held pools give way first, then the growing pool is cut back
@@ -432,6 +434,8 @@ class PlannerLoop:
             f"{decision.state.osl:.0f} ttft {ttft} itl {itl} -> {verb} prefill "
             f"{decision.prefill.size} decode {decision.decode.size} | {decision.explain()}"
         )
+        if self.dry_run:  # the capacity model's own explanation, for whoever tunes the SLO
+            self.out(f"  model: {decision.model_reason}")
         if decision.changed and not self.dry_run:
             self.scaler.set_scale(
                 decision.prefill.size, decision.decode.size, f"planner: {decision.explain()}"

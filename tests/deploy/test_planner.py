@@ -225,7 +225,8 @@ def test_the_loop_scales_within_one_interval_and_exports_why(dry_run: bool) -> N
         assert decision is not None
         assert (decision.prefill.size, decision.decode.size) == expected
     if dry_run:
-        assert scaler.calls == [] and "would set prefill 2 decode 3" in lines[-1]
+        assert scaler.calls == [] and "would set prefill 2 decode 3" in lines[-2]
+        assert lines[-1] == "  model: 3.0 rps -> 2P 3D"
     else:
         assert scaler.calls == [(2, 3)] and "-> set prefill 2 decode 3" in lines[-1]
     text = generate_latest(metrics.registry).decode()

@@ -185,7 +185,7 @@ def test_the_planner_reads_the_live_router(served: Served) -> None:
     finally:
         admin.close()
     assert decision is not None
-    assert "req/s" in lines[-1] and "isl" in lines[-1]
+    assert "req/s" in lines[-2] and "isl" in lines[-2] and lines[-1].startswith("  model: ")
     assert decision.state.osl == pytest.approx(8)
     status = httpx.get(f"{served.url}/admin/scale", timeout=10).json()
     assert status["target"]["prefill"] == 1 and status["target"]["decode"] == 2  # untouched
