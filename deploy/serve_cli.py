@@ -203,6 +203,7 @@ def _launcher(args: argparse.Namespace, config: ServeConfig) -> tuple[Launcher, 
         # Ray reads this at import: "local-only Ray", every Ray process on 127.0.0.1
         # (otherwise it binds and dials the host's first interface even for one node)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a private cluster: no reports
     from deploy.placement import PoolPlacement, Strategy
     from deploy.ray_launcher import RayClusterConfig, RayLauncher, cluster_gpus, connect
     from router.config import Role
