@@ -1,8 +1,8 @@
 """RayLauncher on a local Ray cluster with 4 fake GPUs, with stand-in worker processes (no
 torch, so this is quick): distinct GPUs as CUDA_VISIBLE_DEVICES in each worker process, a
 fifth GPU worker waits for a GPU, kill -9 of a worker process is restarted by Ray, a stopped
-worker frees its GPU, a worker that cannot start is DEAD with its reason, and a killed actor
-takes its process with it."""
+worker frees its GPU, tensor-parallel workers get 2-GPU bundles, a worker that cannot start is
+DEAD with its reason, and a killed actor takes its process with it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from deploy.launcher import Launched, Phase
-from deploy.placement import PoolPlacement
+from deploy.placement import PoolPlacement, Strategy
 from deploy.process import ProcessSpec, environ_of
 from router.config import Role
 
@@ -36,8 +36,8 @@ def fake_spec(worker_id: str, role: Role) -> ProcessSpec:
     )
 
 
-def launcher(num_gpus: int) -> RayLauncher:
-    placement = PoolPlacement(num_gpus=num_gpus, num_cpus=0.5)
+def launcher(num_gpus: int, strategy: Strategy = Strategy.PACK) -> RayLauncher:
+    placement = PoolPlacement(num_gpus=num_gpus, num_cpus=0.5, strategy=strategy)
     return RayLauncher(fake_spec("router", D), fake_spec, {P: placement, D: placement},
                        max_restarts=2)  # fmt: skip
 
@@ -117,6 +117,22 @@ def test_gpus_restarts_and_release(ray_cluster: Any) -> None:
     while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [pid for pid in pids if alive(pid)]
+
+
+def test_tensor_parallel_workers_get_multi_gpu_bundles(ray_cluster: Any) -> None:
+    lau = launcher(num_gpus=2, strategy=Strategy.SPREAD)
+    try:
+        lau.start("prefill-0", P, 0)
+        wait_for(lau, lambda ws: ws["prefill-0"].phase is Phase.RUNNING)
+        lau.start("decode-0", D, 1)  # spread: hinted to the node with fewest (the only one)
+        ws = wait_for(lau, lambda ws: all(w.phase is Phase.RUNNING for w in ws.values()))
+        gpus = [g for w in ws.values() for g in w.gpu_ids]
+        assert all(len(w.gpu_ids) == 2 for w in ws.values())
+        assert sorted(gpus) == ["0", "1", "2", "3"]
+        for w in ws.values():
+            assert environ_of(w.pid or 0)["CUDA_VISIBLE_DEVICES"] == ",".join(w.gpu_ids)
+    finally:
+        lau.shutdown()
 
 
 def test_cpu_workers_ask_for_no_gpu_and_a_failed_start_is_dead(ray_cluster: Any) -> None:
