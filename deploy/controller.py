@@ -92,16 +92,17 @@ class Controller:
         return actions
 
     def run(self, stop: threading.Event) -> None:
-        """Tick until `stop` is set. A router that does not answer is waited for."""
-        unreachable_since: float | None = None
+        """Tick until `stop` is set. A router that does not answer (it may be restarting) or
+        refuses a call is retried every tick; each new error is logged once."""
+        last_error = ""
         while not stop.is_set():
             try:
                 self.tick()
-                unreachable_since = None
-            except httpx.HTTPError as exc:
-                if unreachable_since is None:
-                    unreachable_since = time.monotonic()
-                    log.warning("router unreachable (%s); retrying", exc)
+                last_error = ""
+            except (httpx.HTTPError, AdminError) as exc:
+                if str(exc) != last_error:
+                    last_error = str(exc)
+                    log.warning("router: %s: %s; retrying", type(exc).__name__, exc)
             stop.wait(self.config.interval_s)
 
     def wait_settled(self, timeout_s: float) -> None:

@@ -5,13 +5,15 @@
 - `tandem scale` up and down under a steady stream of requests loses none of them;
 - `kill -9` of a worker process: the router routes around it at once, Ray restarts it, and it
   rejoins under its id at its new address;
-- the planner reads the live router's metrics (dry run).
+- the planner reads the live router's metrics (dry run);
+- `kill -9` of the router: Ray restarts it, and the controller gives it its workers and target.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -54,6 +56,12 @@ class Served:
     launched: list[Launched] = field(default_factory=list)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.fixture(scope="module")
 def served(ray_cluster: Any, tiny_chat_model_dir: Path) -> Iterator[Served]:
     config = ServeConfig(
@@ -61,7 +69,7 @@ def served(ray_cluster: Any, tiny_chat_model_dir: Path) -> Iterator[Served]:
         mode="disagg",
         num_prefill=1,
         num_decode=1,
-        port=0,
+        port=free_port(),  # fixed: a restarted router comes back at the same URL
         worker_args=WORKER_ARGS,
         router_args=("--served-model-name", "tiny"),
         env={"UCX_NET_DEVICES": "lo"},
@@ -189,3 +197,38 @@ def test_the_planner_reads_the_live_router(served: Served) -> None:
     assert decision.state.osl == pytest.approx(8)
     status = httpx.get(f"{served.url}/admin/scale", timeout=10).json()
     assert status["target"]["prefill"] == 1 and status["target"]["decode"] == 2  # untouched
+
+
+def test_a_restarted_router_gets_its_workers_and_target_back(served: Served) -> None:
+    before = workers(served.url)
+    (router_pid,) = router_pids(served.model_dir)
+    os.kill(router_pid, signal.SIGKILL)
+
+    def back() -> bool:
+        try:
+            status = httpx.get(f"{served.url}/admin/scale", timeout=2).json()
+            listed = workers(served.url)
+        except httpx.HTTPError:
+            return False
+        ready = all(w["state"] == "ready" for w in listed.values())
+        return status["target"] is not None and set(listed) == set(before) and ready
+
+    wait_until("the router restarted, its workers and target restored", back, timeout_s=90)
+    status = httpx.get(f"{served.url}/admin/scale", timeout=10).json()
+    assert (status["target"]["prefill"], status["target"]["decode"]) == (1, 2)
+    assert router_pids(served.model_dir) != [router_pid]
+    reply = httpx.post(f"{served.url}/v1/chat/completions", json=CHAT, timeout=60)
+    assert reply.status_code == 200, reply.text
+
+
+def router_pids(model_dir: Path) -> list[int]:
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = [a.decode(errors="replace") for a in f.read().split(b"\0")]
+        except OSError:
+            continue
+        if args[1:3] == ["-m", "router"] and str(model_dir) in args:
+            pids.append(int(entry))
+    return pids
