@@ -326,6 +326,34 @@ def test_shared_prefix_goes_to_the_worker_that_caches_it(tiny_chat_model_dir: Pa
         c.stop()
 
 
+def test_shared_prefix_goes_to_the_prefill_worker_that_caches_it(
+    tiny_chat_model_dir: Path,
+) -> None:
+    """Disagg with two prefill workers: a request sharing a long prefix with an earlier one is
+    prefilled where that prefix is cached, and only the uncached suffix is computed there."""
+    c = start_cluster(tiny_chat_model_dir, "disagg", 2, 1)
+    try:
+        wait_healthy(c.url)
+        prefix = list(range(2000, 2000 + 16 * 12))  # 12 full blocks
+        body = {"model": "tiny", "max_tokens": 2, "temperature": 0}
+        first = httpx.post(f"{c.url}/v1/completions", json={**body, "prompt": [*prefix, 5]})
+        assert first.status_code == 200, first.text
+        holder = re.search(r"prefill=(\S+);", first.headers["x-tandem-route"])
+        assert holder is not None and holder.group(1).startswith("prefill-")
+        deadline = time.monotonic() + 5  # KV events reach the router asynchronously
+        while time.monotonic() < deadline:
+            second = httpx.post(f"{c.url}/v1/completions", json={**body, "prompt": [*prefix, 6, 7]})
+            if "overlap_blocks=12" in second.headers["x-tandem-route"]:
+                break
+            time.sleep(0.2)
+        route = second.headers["x-tandem-route"]
+        assert f"prefill={holder.group(1)};" in route and "overlap_blocks=12" in route
+        # the prefill worker served 192 of the 194 prompt tokens from its prefix cache
+        assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 16 * 12
+    finally:
+        c.stop()
+
+
 def test_bench_serve_runs_against_the_router(cluster: LocalCluster) -> None:
     from bench.serve import BenchConfig, run
 
