@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from engine.args import add_engine_args
+from runtime.source_root import put_first_on_path
 
 SERVING_NOTE = "serving commands (profile, plan) land with their issues"
 
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    put_first_on_path()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime.source_root import child_env
+
 
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
@@ -115,7 +117,7 @@ class LocalCluster:
 
 def spawn(name: str, module: str, args: list[str]) -> Child:
     """Start `python -m module args...` in its own process group, stdout piped."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "UCX_NET_DEVICES": "lo"}
+    env = child_env({**os.environ, "PYTHONUNBUFFERED": "1", "UCX_NET_DEVICES": "lo"})
     proc = subprocess.Popen(
         [sys.executable, "-m", module, *args],
         stdout=subprocess.PIPE,

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from deploy.local_cluster import Child
+from runtime.source_root import child_env
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +57,7 @@ def spawn_process(spec: ProcessSpec, host: str) -> Child:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"},
+        env=child_env({**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}),
         start_new_session=True,  # its own process group: stopped by PGID, never by name
     )
     return Child(spec.name, proc)

@@ -82,3 +82,24 @@ def _torch_free(package: str, walk: bool) -> subprocess.CompletedProcess[str]:
 def test_import_does_not_load_torch(package: str, walk: bool) -> None:
     proc = _torch_free(package, walk)
     assert proc.returncode == 0, f"{package}:\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_tandem_proto_wins_outside_the_repo(tmp_path: Path) -> None:
+    """Regression: ray[default] installs proto-plus, whose top-level `proto` shadows ours in
+    site-packages. Entry points and launched children must still import Tandem's."""
+    import os
+
+    from runtime.source_root import child_env
+
+    code = "import proto, sys; print(proto.__file__)"
+    entry = (
+        "from runtime.source_root import put_first_on_path; put_first_on_path(); "
+        "import proto; print(proto.__file__)"
+    )
+    env = child_env(dict(os.environ))
+    for snippet in (code, entry):
+        out = subprocess.run(
+            [sys.executable, "-c", snippet], cwd=tmp_path, env=env, capture_output=True,
+            text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        assert Path(out).resolve().is_relative_to(REPO), out
