@@ -296,50 +296,25 @@ def test_router_overhead_is_exported(cluster: LocalCluster) -> None:
     assert count is not None and float(count.group(1)) > 0
 
 
-def test_shared_prefix_goes_to_the_worker_that_caches_it(tiny_chat_model_dir: Path) -> None:
-    """Two decode workers (collocated): a request sharing a long prefix with an earlier one
-    lands where that prefix is cached (seen through KV events), and only the suffix is computed."""
-    c = start_cluster(tiny_chat_model_dir, "collocated", 0, 2)
+@pytest.mark.parametrize(
+    ("mode", "num_prefill", "num_decode", "pool"),
+    [("collocated", 0, 2, "decode"), ("disagg", 2, 1, "prefill")],
+)
+def test_shared_prefix_goes_to_the_worker_that_caches_it(
+    tiny_chat_model_dir: Path, mode: str, num_prefill: int, num_decode: int, pool: str
+) -> None:
+    """Two workers in the pool that computes prompts: a request sharing a long prefix with an
+    earlier one lands where that prefix is cached (seen through KV events), and only the suffix
+    is computed there."""
+    c = start_cluster(tiny_chat_model_dir, mode, num_prefill, num_decode)
     try:
         wait_healthy(c.url)
         prefix = list(range(1000, 1000 + 16 * 12))  # 12 full blocks
         body = {"model": "tiny", "max_tokens": 2, "temperature": 0}
         first = httpx.post(f"{c.url}/v1/completions", json={**body, "prompt": [*prefix, 5]})
-        holder = re.search(r"decode=(\S+);", first.headers["x-tandem-route"])
-        assert holder is not None
-        deadline = time.monotonic() + 5  # KV events reach the router asynchronously
-        while time.monotonic() < deadline:
-            second = httpx.post(f"{c.url}/v1/completions", json={**body, "prompt": [*prefix, 6, 7]})
-            if "overlap_blocks=12" in second.headers["x-tandem-route"]:
-                break
-            time.sleep(0.2)
-        route = second.headers["x-tandem-route"]
-        assert f"decode={holder.group(1)};" in route and "overlap_blocks=12" in route
-        assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 16 * 12
-        metrics = httpx.get(f"{c.url}/metrics").text
-        hits = re.search(
-            rf'tandem_router_prefix_hit_blocks_total\{{worker_id="{holder.group(1)}"\}} (\S+)',
-            metrics,
-        )
-        assert hits is not None and float(hits.group(1)) >= 12
-    finally:
-        c.stop()
-
-
-def test_shared_prefix_goes_to_the_prefill_worker_that_caches_it(
-    tiny_chat_model_dir: Path,
-) -> None:
-    """Disagg with two prefill workers: a request sharing a long prefix with an earlier one is
-    prefilled where that prefix is cached, and only the uncached suffix is computed there."""
-    c = start_cluster(tiny_chat_model_dir, "disagg", 2, 1)
-    try:
-        wait_healthy(c.url)
-        prefix = list(range(2000, 2000 + 16 * 12))  # 12 full blocks
-        body = {"model": "tiny", "max_tokens": 2, "temperature": 0}
-        first = httpx.post(f"{c.url}/v1/completions", json={**body, "prompt": [*prefix, 5]})
         assert first.status_code == 200, first.text
-        holder = re.search(r"prefill=(\S+);", first.headers["x-tandem-route"])
-        assert holder is not None and holder.group(1).startswith("prefill-")
+        holder = re.search(rf"{pool}=(\S+);", first.headers["x-tandem-route"])
+        assert holder is not None and holder.group(1).startswith(f"{pool}-")
         deadline = time.monotonic() + 5  # KV events reach the router asynchronously
         while time.monotonic() < deadline:
             second = httpx.post(f"{c.url}/v1/completions", json={**body, "prompt": [*prefix, 6, 7]})
@@ -347,9 +322,16 @@ def test_shared_prefix_goes_to_the_prefill_worker_that_caches_it(
                 break
             time.sleep(0.2)
         route = second.headers["x-tandem-route"]
-        assert f"prefill={holder.group(1)};" in route and "overlap_blocks=12" in route
-        # the prefill worker served 192 of the 194 prompt tokens from its prefix cache
+        assert f"{pool}={holder.group(1)};" in route and "overlap_blocks=12" in route
+        # 192 of the 194 prompt tokens came from the holder's prefix cache
         assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 16 * 12
+        if pool == "decode":
+            metrics = httpx.get(f"{c.url}/metrics").text
+            hits = re.search(
+                rf'tandem_router_prefix_hit_blocks_total\{{worker_id="{holder.group(1)}"\}} (\S+)',
+                metrics,
+            )
+            assert hits is not None and float(hits.group(1)) >= 12
     finally:
         c.stop()
 
