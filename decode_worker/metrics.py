@@ -103,6 +103,9 @@ class MeteredDecodeServicer(DecodeServicer):
         if not counted:  # the engine stream ended without a finished message
             self.metrics.request_finished("unknown", time.monotonic() - start)
 
+    def on_prefill_fallback(self, reason: str) -> None:
+        self.metrics.prefill_fallback(reason)
+
     async def Abort(
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortResponse:

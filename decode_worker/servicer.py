@@ -5,11 +5,17 @@ Block ownership on the remote path: blocks are reserved in the engine, leased to
 (`expect`), and end in exactly one of two places: `admit_prefilled` once the KV landed (the
 request owns them), or `cancel_kv_reservation` after the sink's KVReleased says no write of
 the transfer can land any more (fencing). Nothing else frees them.
+
+Failures: a remote prefill that fails (the prefill worker died, mid-prefill or mid-transfer, or
+its KV did not land) is computed here instead: the reservation goes back behind the fence as
+above and the stream goes on from a local prefill (logged, counted by `on_prefill_fallback`).
+A migrated request (`resume_output_token_ids`, router/migration.py) always prefills here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -27,9 +33,15 @@ from proto import tandem_pb2_grpc as pb_grpc
 from runtime import worker_rpc
 from runtime.wire import FINISH_REASONS, logprob_to_proto, sampling_kwargs
 
+log = logging.getLogger(__name__)
+
 
 class RemotePrefillFailed(RuntimeError):
     """The prompt's KV could not be obtained from the prefill worker."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # a metric label: no_sink, a gRPC code name, or a KVLost reason
 
 
 class PrefillClients:
@@ -76,20 +88,36 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         if not rid:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
         prompt = list(request.prompt_token_ids)
+        resumed = list(request.resume_output_token_ids)  # a migrated request's output so far
+        remote = request.prefill.WhichOneof("where") == "remote"
+        if resumed and remote:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "a resumed request needs a local prefill plan"
+            )
         start = time.monotonic()
         kv_transfer_s = 0.0
         remote_cached: int | None = None  # prompt tokens the prefill worker had cached
         try:
-            if request.prefill.WhichOneof("where") == "remote":
-                outputs, kv_transfer_s, remote_cached = await self._remote_prefill(
-                    request, prompt, params
-                )
-            else:
-                outputs = self.engine.generate(rid, prompt, params)
-            num_tokens = 0
+            outputs: AsyncIterator[RequestOutput] | None = None
+            if remote:
+                try:
+                    outputs, kv_transfer_s, remote_cached = await self._remote_prefill(
+                        request, prompt, params
+                    )
+                except RemotePrefillFailed as e:
+                    # Nothing was streamed yet and the reservation is being released behind
+                    # the fence: computing the prompt here instead loses only time. Logged
+                    # and counted (on_prefill_fallback), never silent.
+                    log.warning("%s: %s; prefilling on this decode worker instead", rid, e)
+                    self.on_prefill_fallback(e.reason)
+            if outputs is None:
+                outputs = self.engine.generate(rid, prompt, params, resume_output_token_ids=resumed)
+            num_tokens = len(resumed)  # usage counts the whole output, before and after a move
+            first = True
             async for out in outputs:
                 msg = _to_proto(out)
-                if num_tokens == 0:
+                if first:
+                    first = False
                     msg.prefill_s = time.monotonic() - start
                     msg.kv_transfer_s = kv_transfer_s
                 num_tokens += len(out.new_token_ids)
@@ -97,13 +125,16 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
                     msg.usage.completion_tokens = num_tokens
                     if remote_cached is not None:
                         msg.usage.cached_tokens = remote_cached
+                    # a resumed request may hit its own earlier output in the cache
+                    msg.usage.cached_tokens = min(msg.usage.cached_tokens, len(prompt))
                 yield msg
         except ValueError as e:  # the engine refused the request (prompt too long, bad ids...)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except OutOfBlocks as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except RemotePrefillFailed as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+    def on_prefill_fallback(self, reason: str) -> None:
+        """Hook: a remote prefill failed and the prompt is computed here (metrics wrap it)."""
 
     async def _remote_prefill(
         self, request: pb.GenerateRequest, prompt: list[int], params: SamplingParams
@@ -114,7 +145,9 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         the KV write time (seconds) and the prompt tokens the prefill worker had cached.
         """
         if self.sink is None:
-            raise RemotePrefillFailed("this decode worker has no KV sink (started without one)")
+            raise RemotePrefillFailed(
+                "this decode worker has no KV sink (started without one)", "no_sink"
+            )
         rid = request.request_id
         # validate before reserving: the engine would refuse the same things at admission
         await self.engine.call(lambda e: e.check_request(prompt, params))
@@ -137,12 +170,14 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
             except grpc.aio.AioRpcError as e:
                 raise RemotePrefillFailed(
                     f"prefill worker {remote.prefill_worker_id} failed: "
-                    f"{e.code().name}: {e.details()}"
+                    f"{e.code().name}: {e.details()}",
+                    e.code().name.lower(),
                 ) from e
             outcome = await self.sink.outcome(rid)
             if isinstance(outcome, KVLost):
                 raise RemotePrefillFailed(
-                    f"KV did not land: {outcome.reason.value}: {outcome.detail}"
+                    f"KV did not land: {outcome.reason.value}: {outcome.detail}",
+                    f"kv_{outcome.reason.value}",
                 )
             first_logprob = None
             if reply.HasField("first_logprob"):

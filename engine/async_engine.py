@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from engine.block_manager import BlockCounts
 from engine.engine import Engine
 from engine.outputs import RequestOutput
 from engine.plan import TokenLogprob
@@ -36,7 +37,9 @@ class EngineLoad:
     num_waiting: int
     num_reserved: int
     num_blocks_total: int
-    num_blocks_free: int
+    num_blocks_free: int  # allocatable now: free + cached
+    num_blocks_cached: int  # of those, holding prefix-cache KV (evictable)
+    num_blocks_used: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,13 +97,15 @@ class AsyncEngine:
 
     def _snapshot(self) -> EngineLoad:
         s = self.engine.scheduler
-        bm = self.engine.block_manager
+        counts = self.engine.block_manager.counts()
         return EngineLoad(
             num_running=len(s.running),
             num_waiting=len(s.waiting),
             num_reserved=len(s.reserved),
-            num_blocks_total=bm.num_blocks,
-            num_blocks_free=bm.num_free_blocks,
+            num_blocks_total=counts.num_total,
+            num_blocks_free=counts.num_free + counts.num_cached,
+            num_blocks_cached=counts.num_cached,
+            num_blocks_used=counts.num_used,
         )
 
     # ---- the event loop side ------------------------------------------------------------------
@@ -141,12 +146,18 @@ class AsyncEngine:
         params: SamplingParams,
         *,
         hold_kv_on_finish: bool = False,
+        resume_output_token_ids: Sequence[int] = (),
     ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; leaving the iterator early aborts the request."""
+        """Stream a request's outputs; leaving the iterator early aborts the request.
+        resume_output_token_ids: see Engine.add_request (a migrated request)."""
 
         def add(engine: Engine) -> None:
             engine.add_request(
-                request_id, prompt_token_ids, params, hold_kv_on_finish=hold_kv_on_finish
+                request_id,
+                prompt_token_ids,
+                params,
+                hold_kv_on_finish=hold_kv_on_finish,
+                resume_output_token_ids=resume_output_token_ids,
             )
 
         async for out in self._stream(request_id, add):
@@ -218,6 +229,10 @@ class AsyncEngine:
             return found
 
         return await self.call(abort)
+
+    async def audit_blocks(self) -> tuple[BlockCounts, str]:
+        """Engine.audit_blocks on the engine thread, between steps."""
+        return await self.call(lambda engine: engine.audit_blocks())
 
     def subscribe_kv_events(self) -> asyncio.Queue[KVCacheEvent]:
         sub: asyncio.Queue[KVCacheEvent] = asyncio.Queue()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 
 class OutOfBlocks(RuntimeError):
@@ -30,6 +31,20 @@ class OutOfBlocks(RuntimeError):
 
 class BlockAccountingError(RuntimeError):
     """check_integrity() found a broken invariant: a leaked, doubly owned or mis-hashed block."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlockCounts:
+    """Blocks per state, each counted on its own: free + cached + used == total always."""
+
+    num_free: int  # ref_count 0, no hash
+    num_cached: int  # ref_count 0, hashed: evictable prefix-cache content
+    num_used: int  # ref_count >= 1
+    num_total: int
+
+    @property
+    def balanced(self) -> bool:
+        return self.num_free + self.num_cached + self.num_used == self.num_total
 
 
 class BlockManager:
@@ -54,6 +69,15 @@ class BlockManager:
         # Prefix-cache changes since the last drain_events(), for prefix-aware routers:
         # hash -> True (now stored) / False (now removed); the last change wins.
         self._hash_events: dict[int, bool] = {}
+        # Blocks with ref_count >= 1, kept by the 0 <-> 1 transitions: counted apart from the
+        # two pools so that `counts()` can show a block lost or in two places.
+        self._num_used = 0
+
+    def counts(self) -> BlockCounts:
+        """O(1); `check_integrity` recounts everything from the ref counts."""
+        return BlockCounts(
+            len(self._free_ids), len(self._evictable), self._num_used, self.num_blocks
+        )
 
     @property
     def num_free_blocks(self) -> int:
@@ -113,6 +137,7 @@ class BlockManager:
         for block_id in block_ids:
             if self._ref_counts[block_id] == 0:
                 del self._evictable[block_id]
+                self._num_used += 1
             self._ref_counts[block_id] += 1
 
     def allocate(self, num_blocks: int) -> list[int]:
@@ -138,6 +163,7 @@ class BlockManager:
         self.num_evictions += num_blocks - num_from_free
         for block_id in block_ids:
             self._ref_counts[block_id] = 1
+        self._num_used += num_blocks
         block_ids.sort()  # the evicted tail comes in LRU order
         return block_ids
 
@@ -179,6 +205,7 @@ class BlockManager:
             self._ref_counts[block_id] -= 1
             if self._ref_counts[block_id] > 0:
                 continue
+            self._num_used -= 1
             if self._block_hashes[block_id] is None:
                 heapq.heappush(self._free_ids, block_id)
             else:
@@ -232,6 +259,8 @@ class BlockManager:
                     f"evictable block {block_id} has ref_count {refs[block_id]} or no hash"
                 )
         num_used = sum(1 for r in refs if r > 0)
+        if num_used != self._num_used:
+            problems.append(f"{num_used} blocks have a ref_count, {self._num_used} counted used")
         if len(self._free_ids) + len(self._evictable) + num_used != self.num_blocks:
             problems.append(
                 f"free {len(self._free_ids)} + evictable {len(self._evictable)} + used {num_used}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockAccountingError, BlockCounts, BlockManager
 from engine.config import EngineConfig
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
@@ -42,10 +42,28 @@ class Engine:
         params: SamplingParams,
         *,
         hold_kv_on_finish: bool = False,
+        resume_output_token_ids: Sequence[int] = (),
     ) -> None:
-        """Queue a request. Raises ValueError on anything the engine cannot serve."""
+        """Queue a request. Raises ValueError on anything the engine cannot serve.
+
+        resume_output_token_ids: tokens the request already produced elsewhere (a migrated
+        request). They count as its output (max_tokens, min_tokens, penalties, the position of
+        seeded draws) and their text is fed to its text stream without being emitted, so the
+        request goes on exactly as a preempted one recomputing here would: the first output is
+        the next token.
+        """
         req = self._new_request(request_id, prompt_token_ids, params, hold_kv_on_finish)
+        resumed = tuple(int(t) for t in resume_output_token_ids)
+        if resumed:
+            self._check_resume(req, resumed)
+            req.token_ids.extend(resumed)
         self._open_stream(req)
+        stream = self.streams.get(request_id)
+        if stream is not None:
+            for token in resumed:  # one at a time, as they were produced: the same text state
+                if stream.add([token])[1] is not None:
+                    del self.streams[request_id]
+                    raise ValueError("a stop string ends the resumed output: it had finished")
         self.scheduler.add(req)
 
     def abort(self, request_id: str) -> None:
@@ -113,6 +131,15 @@ class Engine:
         """Raise BlockAccountingError unless every block's ref count matches its holders."""
         self.block_manager.check_integrity(self.scheduler.block_holders())
 
+    def audit_blocks(self) -> tuple[BlockCounts, str]:
+        """The block counts and what `check_integrity` finds wrong ("": nothing). O(num_blocks);
+        for tests and operators after a fault, not the step path."""
+        try:
+            self.check_integrity()
+        except BlockAccountingError as e:
+            return self.block_manager.counts(), str(e)
+        return self.block_manager.counts(), ""
+
     # ---- helpers ----------------------------------------------------------------------------
     def _new_request(
         self,
@@ -161,6 +188,19 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
         return prompt, room
+
+    def _check_resume(self, req: Request, resumed: tuple[int, ...]) -> None:
+        vocab = self.config.model.vocab_size
+        if any(not 0 <= t < vocab for t in resumed):
+            raise ValueError(f"resumed output token ids must be in [0, {vocab})")
+        if len(resumed) >= req.max_tokens:
+            raise ValueError(
+                f"{len(resumed)} resumed output tokens leave no room under max_tokens "
+                f"{req.max_tokens}"
+            )
+        ended = [t for t in resumed[req.params.min_tokens :] if t in req.stop_token_ids]
+        if ended:
+            raise ValueError(f"resumed output holds stop token {ended[0]}: it had finished")
 
     def _open_stream(self, req: Request) -> None:
         if self.tokenizer is not None:

@@ -246,6 +246,7 @@ class GenerateRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     PREFILL_FIELD_NUMBER: _builtins.int
     DEADLINE_UNIX_S_FIELD_NUMBER: _builtins.int
+    RESUME_OUTPUT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """assigned by the router; unique end to end"""
     deadline_unix_s: _builtins.float
@@ -256,6 +257,14 @@ class GenerateRequest(_message.Message):
     def sampling(self) -> Global___SamplingParams: ...
     @_builtins.property
     def prefill(self) -> Global___PrefillPlan: ...
+    @_builtins.property
+    def resume_output_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Migration (router/migration.py): tokens this request already produced on a worker that
+        died, in order, every one of them delivered to the client. The worker takes them as its own
+        output so far (penalties, min_tokens, max_tokens, seeded draws and the text state continue
+        from there) and streams only what follows. Needs a local prefill plan.
+        """
+
     def __init__(
         self,
         *,
@@ -264,10 +273,11 @@ class GenerateRequest(_message.Message):
         sampling: Global___SamplingParams | None = ...,
         prefill: Global___PrefillPlan | None = ...,
         deadline_unix_s: _builtins.float = ...,
+        resume_output_token_ids: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["prefill", b"prefill", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix_s", b"deadline_unix_s", "prefill", b"prefill", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix_s", b"deadline_unix_s", "prefill", b"prefill", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "resume_output_token_ids", b"resume_output_token_ids", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -598,16 +608,60 @@ Global___HealthResponse: _TypeAlias = HealthResponse  # noqa: Y015
 class LoadRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    AUDIT_BLOCKS_FIELD_NUMBER: _builtins.int
+    audit_blocks: _builtins.bool
+    """Also audit the KV block accounting on the engine thread (O(num_blocks)): fills
+    WorkerLoad.block_audit. Tests ask after every fault; the router's polls do not.
+    """
     def __init__(
         self,
+        *,
+        audit_blocks: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_blocks", b"audit_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LoadRequest: _TypeAlias = LoadRequest  # noqa: Y015
+
+@_typing.final
+class BlockAudit(_message.Message):
+    """Every block of the pool is in exactly one state: free + cached + used == total."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUM_FREE_FIELD_NUMBER: _builtins.int
+    NUM_CACHED_FIELD_NUMBER: _builtins.int
+    NUM_USED_FIELD_NUMBER: _builtins.int
+    NUM_TOTAL_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    num_free: _builtins.int
+    """no owner, no prefix-cache content"""
+    num_cached: _builtins.int
+    """no owner, kept for the prefix cache (evictable)"""
+    num_used: _builtins.int
+    """held by a request, a reservation or a hand-off"""
+    num_total: _builtins.int
+    error: _builtins.str
+    """"": every invariant holds (else what broke)"""
+    def __init__(
+        self,
+        *,
+        num_free: _builtins.int = ...,
+        num_cached: _builtins.int = ...,
+        num_used: _builtins.int = ...,
+        num_total: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "num_cached", b"num_cached", "num_free", b"num_free", "num_total", b"num_total", "num_used", b"num_used"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BlockAudit: _TypeAlias = BlockAudit  # noqa: Y015
 
 @_typing.final
 class WorkerLoad(_message.Message):
@@ -622,6 +676,9 @@ class WorkerLoad(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _builtins.int
     MAX_NUM_SEQS_FIELD_NUMBER: _builtins.int
     MAX_MODEL_LEN_FIELD_NUMBER: _builtins.int
+    NUM_BLOCKS_CACHED_FIELD_NUMBER: _builtins.int
+    NUM_BLOCKS_USED_FIELD_NUMBER: _builtins.int
+    BLOCK_AUDIT_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     role: _builtins.str
     num_running: _builtins.int
@@ -632,6 +689,14 @@ class WorkerLoad(_message.Message):
     block_size: _builtins.int
     max_num_seqs: _builtins.int
     max_model_len: _builtins.int
+    num_blocks_cached: _builtins.int
+    """of num_blocks_free: those holding prefix-cache KV"""
+    num_blocks_used: _builtins.int
+    """owned now; total == free + used at every report"""
+    @_builtins.property
+    def block_audit(self) -> Global___BlockAudit:
+        """set when LoadRequest.audit_blocks was"""
+
     def __init__(
         self,
         *,
@@ -644,10 +709,13 @@ class WorkerLoad(_message.Message):
         block_size: _builtins.int = ...,
         max_num_seqs: _builtins.int = ...,
         max_model_len: _builtins.int = ...,
+        num_blocks_cached: _builtins.int = ...,
+        num_blocks_used: _builtins.int = ...,
+        block_audit: Global___BlockAudit | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["block_audit", b"block_audit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "max_model_len", b"max_model_len", "max_num_seqs", b"max_num_seqs", "num_blocks_free", b"num_blocks_free", "num_blocks_total", b"num_blocks_total", "num_running", b"num_running", "num_waiting", b"num_waiting", "role", b"role", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_audit", b"block_audit", "block_size", b"block_size", "max_model_len", b"max_model_len", "max_num_seqs", b"max_num_seqs", "num_blocks_cached", b"num_blocks_cached", "num_blocks_free", b"num_blocks_free", "num_blocks_total", b"num_blocks_total", "num_blocks_used", b"num_blocks_used", "num_running", b"num_running", "num_waiting", b"num_waiting", "role", b"role", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -76,6 +76,10 @@ class LoadView(Protocol):
     def num_blocks_total(self) -> int: ...
     @property
     def num_blocks_free(self) -> int: ...
+    @property
+    def num_blocks_cached(self) -> int: ...
+    @property
+    def num_blocks_used(self) -> int: ...
 
 
 def outcome_of(error: BaseException, code: grpc.StatusCode | None) -> str:
@@ -184,6 +188,12 @@ class WorkerMetrics:
             "KVLost reason)",
             [*base, "reason"], registry=r,
         )  # fmt: skip
+        self._prefill_fallbacks = Counter(
+            "tandem_worker_remote_prefill_fallbacks",
+            "Decode: remote prefills that failed (prefill worker lost, KV not landed) and were "
+            "computed on this decode worker instead, by reason",
+            [*base, "reason"], registry=r,
+        )  # fmt: skip
         r.register(_LoadCollector(labels, load))
 
     # ---- engine thread ----------------------------------------------------------------------
@@ -215,6 +225,9 @@ class WorkerMetrics:
     def kv_landed(self, num_bytes: int, wait_s: float) -> None:
         self.kv_bytes.inc(num_bytes)
         self.kv_wait_s.observe(wait_s)
+
+    def prefill_fallback(self, reason: str) -> None:
+        self._prefill_fallbacks.labels(*self.labels.values(), reason).inc()
 
     def kv_failed(self, reason: str) -> None:
         self._kv_failures.labels(*self.labels.values(), reason).inc()
@@ -258,7 +271,11 @@ class _LoadCollector(Collector):
              "Decode: requests whose blocks are reserved for a remote prefill's KV",
              snap.num_reserved),
             ("tandem_worker_kv_blocks_used", "KV blocks held by requests (running, reserved, "
-             "or pinned for a hand-off)", snap.num_blocks_total - snap.num_blocks_free),
+             "or pinned for a hand-off)", snap.num_blocks_used),
+            ("tandem_worker_kv_blocks_cached", "KV blocks nobody holds that keep prefix-cache "
+             "KV (evictable)", snap.num_blocks_cached),
+            ("tandem_worker_kv_blocks_free", "KV blocks nobody holds, without cached KV; "
+             "free + cached + used == capacity", snap.num_blocks_free - snap.num_blocks_cached),
             ("tandem_worker_kv_blocks_capacity", "KV blocks in the pool", snap.num_blocks_total),
         )  # fmt: skip
         for name, doc, value in gauges:

@@ -20,6 +20,15 @@ class LoadSnapshot(Protocol):
     num_reserved: int
     num_blocks_total: int
     num_blocks_free: int
+    num_blocks_cached: int
+    num_blocks_used: int
+
+
+class BlockCountsView(Protocol):
+    num_free: int
+    num_cached: int
+    num_used: int
+    num_total: int
 
 
 class CacheEvent(Protocol):
@@ -36,6 +45,7 @@ class EngineView(Protocol):
     def unsubscribe_kv_events(self, sub: asyncio.Queue[CacheEvent]) -> None: ...
     async def cached_block_hashes(self) -> list[int]: ...
     async def abort_request(self, request_id: str) -> bool: ...
+    async def audit_blocks(self) -> tuple[BlockCountsView, str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +69,13 @@ def health(identity: WorkerIdentity, engine: EngineView) -> pb.HealthResponse:
     )
 
 
-def load(identity: WorkerIdentity, engine: EngineView) -> pb.WorkerLoad:
+async def load(
+    identity: WorkerIdentity, engine: EngineView, audit_blocks: bool = False
+) -> pb.WorkerLoad:
+    """The last step's snapshot; with audit_blocks, also a full block audit on the engine
+    thread (its counts are of that moment, the snapshot's of the last step)."""
     snap = engine.load
-    return pb.WorkerLoad(
+    msg = pb.WorkerLoad(
         worker_id=identity.worker_id,
         role=identity.role,
         num_running=snap.num_running,
@@ -71,7 +85,21 @@ def load(identity: WorkerIdentity, engine: EngineView) -> pb.WorkerLoad:
         block_size=identity.block_size,
         max_num_seqs=identity.max_num_seqs,
         max_model_len=identity.max_model_len,
+        num_blocks_cached=snap.num_blocks_cached,
+        num_blocks_used=snap.num_blocks_used,
     )
+    if audit_blocks:
+        counts, error = await engine.audit_blocks()
+        msg.block_audit.CopyFrom(
+            pb.BlockAudit(
+                num_free=counts.num_free,
+                num_cached=counts.num_cached,
+                num_used=counts.num_used,
+                num_total=counts.num_total,
+                error=error,
+            )
+        )
+    return msg
 
 
 async def kv_events(engine: EngineView) -> AsyncIterator[pb.KVEvent]:
@@ -101,7 +129,7 @@ class WorkerRpcs:
         return health(self.identity, self.engine)
 
     async def Load(self, request: pb.LoadRequest, context: object) -> pb.WorkerLoad:
-        return load(self.identity, self.engine)
+        return await load(self.identity, self.engine, request.audit_blocks)
 
     async def KVEvents(
         self, request: pb.KVEventsRequest, context: object

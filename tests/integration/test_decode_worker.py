@@ -4,6 +4,7 @@ abort frees blocks, bad requests get INVALID_ARGUMENT, KV events start with a sn
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,7 +52,8 @@ async def _generate(address: str, requests: list[pb.GenerateRequest]) -> list[li
             async for msg in stub.Generate(req):
                 tokens.extend(msg.token_ids)
                 if msg.finished:
-                    assert msg.usage.completion_tokens == len(tokens)
+                    resumed = len(req.resume_output_token_ids)
+                    assert msg.usage.completion_tokens == resumed + len(tokens)
                     assert msg.usage.prompt_tokens == len(req.prompt_token_ids)
             return tokens
 
@@ -126,3 +128,51 @@ def test_health_load_and_kv_events(worker: Child) -> None:
     assert health.ready and health.role == "decode" and health.worker_id == "decode-0"
     assert first.cleared
     assert len(first.stored_block_hashes) >= 2  # 40 prompt tokens = 2 full blocks of 16
+
+
+async def _audit(address: str) -> pb.BlockAudit:
+    async with grpc.aio.insecure_channel(address) as channel:
+        load = await pb_grpc.DecodeWorkerStub(channel).Load(pb.LoadRequest(audit_blocks=True))
+    assert load.num_blocks_free + load.num_blocks_used == load.num_blocks_total
+    return load.block_audit
+
+
+def test_a_resumed_request_continues_where_it_stopped(worker: Child) -> None:
+    """Migration's worker half: resume_output_token_ids continues the greedy stream exactly and
+    usage counts the whole output; the block audit balances afterwards."""
+    prompt = list(range(300, 333))
+    sampling = {"max_tokens": 16, "temperature": 0.0, "ignore_eos": True}
+    (full,) = asyncio.run(_generate(worker.address, [_request("r-full", prompt, **sampling)]))
+    resumed = _request("r-rest", prompt, **sampling)
+    resumed.resume_output_token_ids.extend(full[:5])
+    (rest,) = asyncio.run(_generate(worker.address, [resumed]))
+    assert rest == full[5:]
+    remote = _request("r-remote", prompt, **sampling)
+    remote.prefill.remote.prefill_address = "127.0.0.1:1"
+    remote.resume_output_token_ids.append(full[0])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        asyncio.run(_generate(worker.address, [remote]))
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    audit = asyncio.run(_audit(worker.address))
+    assert audit.error == "" and audit.num_used == 0
+    assert audit.num_free + audit.num_cached + audit.num_used == audit.num_total == NUM_BLOCKS
+
+
+def test_a_failed_remote_prefill_is_computed_here(worker: Child) -> None:
+    """The prefill worker is unreachable (a dead one's address): the decode worker releases its
+    reservation behind the fence and prefills the prompt itself; the output is unchanged."""
+    prompt = list(range(400, 450))
+    sampling = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+    (local,) = asyncio.run(_generate(worker.address, [_request("f-local", prompt, **sampling)]))
+    remote = _request("f-remote", prompt, **sampling)
+    remote.prefill.remote.prefill_worker_id = "prefill-gone"
+    remote.prefill.remote.prefill_address = "127.0.0.1:1"  # nothing listens there
+    (got,) = asyncio.run(_generate(worker.address, [remote]))
+    assert got == local
+    audit = asyncio.run(_audit(worker.address))
+    for _ in range(50):  # the reservation is released once the fence says so
+        if audit.num_used == 0:
+            break
+        time.sleep(0.05)
+        audit = asyncio.run(_audit(worker.address))
+    assert audit.error == "" and audit.num_used == 0

@@ -25,6 +25,8 @@ class Load:
     num_reserved: int = 1
     num_blocks_total: int = 100
     num_blocks_free: int = 60
+    num_blocks_cached: int = 15
+    num_blocks_used: int = 40
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ def test_steps_and_events_become_series() -> None:
 
 
 def test_gauges_are_read_from_the_load_at_scrape_time() -> None:
-    loads = iter([Load(), Load(num_running=0, num_blocks_free=100)])
+    loads = iter([Load(), Load(num_running=0, num_blocks_free=100, num_blocks_used=0)])
     m = WorkerMetrics(LABELS, load=lambda: next(loads))
     first = samples(m)
     key = frozenset(
@@ -92,6 +94,8 @@ def test_gauges_are_read_from_the_load_at_scrape_time() -> None:
     assert first[("tandem_worker_requests_waiting", key)] == 2
     assert first[("tandem_worker_requests_awaiting_kv", key)] == 1
     assert first[("tandem_worker_kv_blocks_used", key)] == 40
+    assert first[("tandem_worker_kv_blocks_cached", key)] == 15
+    assert first[("tandem_worker_kv_blocks_free", key)] == 45
     assert first[("tandem_worker_kv_blocks_capacity", key)] == 100
     second = samples(m)
     assert second[("tandem_worker_requests_running", key)] == 0
