@@ -88,8 +88,24 @@ def _child(
         raw[:, :8] = torch.randint(0, 256, (raw.shape[0], 8), device=dev, dtype=torch.uint8)
     else:
         raw.fill_(0)
+    if "tuning" in options:  # nixl: NixlTuning's fields as a plain dict (picklable)
+        from kv_transfer.nixl import NixlTuning
+
+        options = {**options, "tuning": NixlTuning(**options["tuning"])}
     factory = registry.make_sink if role == "sink" else registry.make_source
     endpoint: Any = factory(backend, kv, **options)
+    posts: dict[int, tuple[float, float]] = {}  # generation -> (post() called, post() returned)
+    transport = getattr(endpoint, "_transport", None)
+    if role == "source" and transport is not None:  # time the claim round trip and the post
+        post = transport.post
+
+        def timed_post(agent: str, generation: int, runs: list[Any]) -> object:
+            t0 = time.monotonic()
+            op = post(agent, generation, runs)
+            posts[generation] = (t0, time.monotonic())
+            return op
+
+        transport.post = timed_post
     pending: dict[str, dict[str, Any]] = {}  # tid -> what to do / what happened
     results: dict[str, dict[str, Any]] = {}
 
@@ -107,7 +123,13 @@ def _child(
                 sync()
             ok = isinstance(ev, KVLanded | SendDone)
             err = str(ev.error) if isinstance(ev, SendFailed) else type(ev).__name__
-            results[ev.transfer_id] = {"t": time.monotonic(), "ok": ok, "what": err}
+            t_post = posts.pop(ev.generation, (0.0, 0.0))
+            results[ev.transfer_id] = {
+                "t": time.monotonic(),
+                "ok": ok,
+                "what": err,
+                "t_post": t_post,
+            }
 
     def handle(cmd: dict[str, Any]) -> dict[str, Any]:
         op = cmd["op"]
@@ -219,6 +241,8 @@ class Row:
     num_descriptors: int
     latency_ms: list[float]
     source_done_ms: list[float]
+    post_called_ms: list[float]
+    post_returned_ms: list[float]
     verified: bool
 
     def summary(self) -> dict[str, Any]:
@@ -234,6 +258,8 @@ class Row:
             "latency_ms": {"min": lat[0], "median": med, "max": lat[-1]},
             "bandwidth_gib_s": {"median": gib / (med / 1e3), "best": gib / (lat[0] / 1e3)},
             "source_done_ms_median": statistics.median(self.source_done_ms),
+            "post_called_ms_median": statistics.median(self.post_called_ms),
+            "post_returned_ms_median": statistics.median(self.post_returned_ms),
             "verified_byte_for_byte": self.verified,
             "repeats": len(lat),
         }
@@ -252,7 +278,13 @@ def _one(
     landed, done = sink.wait_result(tid), source.wait_result(tid)
     if not (landed["ok"] and done["ok"]):
         raise RuntimeError(f"{tid} failed: sink {landed['what']}, source {done['what']}")
-    return (landed["t"] - t_send) * 1e3, (done["t"] - t_send) * 1e3
+    p0, p1 = done["t_post"]
+    return {  # ms after send(): landed at the sink, write over at the source, post() called
+        "landed": (landed["t"] - t_send) * 1e3,  # and returned (claim round trip, post cost)
+        "done": (done["t"] - t_send) * 1e3,
+        "post_called": (p0 - t_send) * 1e3 if p0 else float("nan"),
+        "post_returned": (p1 - t_send) * 1e3 if p1 else float("nan"),
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -267,9 +299,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sink_dev = args.sink_device or (
         "cuda:1" if args.device == "cuda" and _gpus() > 1 else source_dev
     )
-    options = {}
-    if args.progress_interval_us is not None:  # nixl: the sink's and the source's progress tick
-        options["progress_interval_s"] = args.progress_interval_us * 1e-6
+    options: dict[str, Any] = {}
+    if args.backend == "nixl" and (
+        args.progress_interval_us is not None or args.nixl_threads is not None
+    ):  # else the backend's default for the pool's memory
+        from kv_transfer.nixl import NixlTuning
+
+        tuning = NixlTuning()
+        options["tuning"] = {
+            "num_threads": tuning.num_threads if args.nixl_threads is None else args.nixl_threads,
+            "split_batch_size": args.nixl_split or tuning.split_batch_size,
+            "progress_interval_s": tuning.progress_interval_s
+            if args.progress_interval_us is None
+            else args.progress_interval_us * 1e-6,
+        }
     sink = _Peer("sink", args.backend, layout, sink_dev, options)
     source = _Peer("source", args.backend, layout, source_dev, options)
     rng = np.random.default_rng(args.seed)
@@ -280,14 +323,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for mode in modes:
             for n_tokens in tokens:
                 n = math.ceil(n_tokens / block_size)
-                row = Row(mode, n_tokens, n, 0, 0, [], [], False)
+                row = Row(mode, n_tokens, n, 0, 0, [], [], [], [], False)
                 for rep in range(1 + args.repeat):
-                    src = rng.choice(scatter_blocks, n, replace=False).tolist()
-                    dst = rng.choice(scatter_blocks, n, replace=False).tolist()
+                    src = _pick(rng, scatter_blocks, n, args.block_runs)
+                    dst = _pick(rng, scatter_blocks, n, args.block_runs)
                     tid = f"{mode}-{n_tokens}-{rep}"
-                    lat, done = _one(
-                        sink, source, tid, src, dst, staging if mode == "staged" else None
-                    )
+                    times = _one(sink, source, tid, src, dst, staging if mode == "staged" else None)
                     if rep == 0:  # warm-up: connection wire-up; check the bytes
                         sample = rng.choice(n, min(n, 16), replace=False).tolist()
                         row.verified = (
@@ -295,8 +336,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             == source.call("digest", block_ids=[src[i] for i in sample])["digests"]
                         )
                         continue
-                    row.latency_ms.append(lat)
-                    row.source_done_ms.append(done)
+                    row.latency_ms.append(times["landed"])
+                    row.source_done_ms.append(times["done"])
+                    row.post_called_ms.append(times["post_called"])
+                    row.post_returned_ms.append(times["post_returned"])
                 from kv_transfer.transport import paired_runs
 
                 row.num_descriptors = 1 if mode == "staged" else len(paired_runs(src, dst))
@@ -314,7 +357,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "block_bytes": _block_bytes(layout),
         "source_device": source_dev,
         "sink_device": sink_dev,
-        "scatter": "random distinct block ids on both sides (one descriptor per block)",
+        "scatter": _scatter_text(args.block_runs),
+        "nixl_tuning": options.get("tuning", "backend default"),
+        "ucx_env": {k: v for k, v in os.environ.items() if k.startswith(("UCX_", "NIXL_"))},
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus",
         "date": datetime.date.today().isoformat(),
         "sink_idle_cpu_percent": 100 * idle,
@@ -323,10 +368,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _pick(rng: np.random.Generator, pool: int, n: int, run: int) -> list[int]:
+    """n distinct block ids out of `pool`: runs of `run` consecutive ids at random places in
+    random order (run=1: every block on its own; run=0: one contiguous range)."""
+    if run == 0:
+        start = int(rng.integers(0, pool - n + 1))
+        return list(range(start, start + n))
+    slots = rng.choice(pool // run, math.ceil(n / run), replace=False).tolist()
+    return [s * run + i for s in slots for i in range(run)][:n]
+
+
 def _block_bytes(layout: dict[str, Any]) -> int:
     from engine.kv_layout import KVLayout
 
     return KVLayout(**layout).block_bytes
+
+
+def _scatter_text(run: int) -> str:
+    if run == 0:
+        return "one contiguous range on each side (one descriptor)"
+    if run == 1:
+        return "random distinct block ids on both sides (one descriptor per block)"
+    return f"runs of {run} consecutive blocks at random places on both sides"
 
 
 def _gpus() -> int:
@@ -340,7 +403,9 @@ def _line(r: dict[str, Any]) -> str:
         f"{r['mode']:>6} {r['tokens']:>6} tok {r['bytes'] / 2**20:8.1f} MiB "
         f"{r['descriptors']:>5} desc  latency median {r['latency_ms']['median']:8.2f} ms "
         f"(min {r['latency_ms']['min']:.2f})  {r['bandwidth_gib_s']['median']:6.2f} GiB/s "
-        f"(best {r['bandwidth_gib_s']['best']:.2f})  verified={r['verified_byte_for_byte']}"
+        f"(best {r['bandwidth_gib_s']['best']:.2f})  post called/returned "
+        f"{r['post_called_ms_median']:.2f}/{r['post_returned_ms_median']:.2f} ms, source done "
+        f"{r['source_done_ms_median']:.2f} ms  verified={r['verified_byte_for_byte']}"
     )
 
 
@@ -365,6 +430,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--progress-interval-us", type=float, default=None, help="nixl progress tick (default 200)"
+    )
+    p.add_argument(
+        "--nixl-threads", type=int, default=None, help="NIXL UCX thread pool size (0: none)"
+    )
+    p.add_argument(
+        "--nixl-split", type=int, default=None, help="split a WRITE of >= this many descriptors"
+    )
+    p.add_argument(
+        "--block-runs",
+        type=int,
+        default=1,
+        help="blocks come in runs of this many consecutive ids (1: scattered, 0: contiguous)",
     )
     p.add_argument("--ucx-net-devices", default="lo", help="UCX_NET_DEVICES for both processes")
     p.add_argument(

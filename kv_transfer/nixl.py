@@ -35,6 +35,25 @@ except ImportError as e:  # the registry turns this into a clear message
     ) from e
 
 NAME = "nixl"
+
+
+@dataclass(frozen=True, slots=True)
+class NixlTuning:
+    """How a NIXL endpoint drives UCX. Built once by make_sink/make_source.
+
+    num_threads: NIXL's UCX thread pool (its dedicated threads sleep while idle). A WRITE of at
+        least `split_batch_size` descriptors is cut into one chunk per thread, each posted by its
+        own thread on its own UCX worker (for VRAM: its own cuda_ipc stream), so posting and
+        copies run in parallel. 0: the caller's thread posts every descriptor.
+    progress_interval_s: how often an endpoint calls into NIXL while a write may be in flight
+        (see the module docstring).
+    """
+
+    num_threads: int = 0
+    split_batch_size: int = 1024
+    progress_interval_s: float = 2e-4
+
+
 _NOTIF_PREFIX = b"tandem-kv1:"
 # Every exception the bindings raise (they all derive from Exception directly).
 _NIXL_ERRORS = tuple(
@@ -44,8 +63,16 @@ _NIXL_ERRORS = tuple(
 )
 
 
-def _agent(name: str) -> Any:
-    return nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+def _agent(name: str, tuning: NixlTuning) -> Any:
+    agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=[]))
+    params = {}
+    if tuning.num_threads:  # NIXL's UCX thread-pool engine: one UCX worker per thread
+        params = {
+            "num_threads": str(tuning.num_threads),
+            "split_batch_size": str(tuning.split_batch_size),
+        }
+    agent.create_backend("UCX", params)
+    return agent
 
 
 def _register(agent: Any, pool: PoolInfo) -> Any:
@@ -56,11 +83,11 @@ def _register(agent: Any, pool: PoolInfo) -> Any:
 class NixlSinkTransport:
     one_sided = True
 
-    def __init__(self, kv: KVCache, agent_name: str, progress_interval_s: float) -> None:
+    def __init__(self, kv: KVCache, agent_name: str, tuning: NixlTuning) -> None:
         self._pool = PoolInfo.of(kv.pool, kv.layout.block_bytes)
-        self._agent = _agent(agent_name)
+        self._agent = _agent(agent_name, tuning)
         self._registration = _register(self._agent, self._pool)
-        self._tick = progress_interval_s
+        self._tick = tuning.progress_interval_s
 
     def describe(self) -> dict[str, Any]:
         return {"metadata": self._agent.get_agent_metadata(), "pool": asdict(self._pool)}
@@ -94,11 +121,11 @@ class _Op:
 
 
 class NixlSourceTransport:
-    def __init__(self, kv: KVCache, agent_name: str, progress_interval_s: float) -> None:
+    def __init__(self, kv: KVCache, agent_name: str, tuning: NixlTuning) -> None:
         self._pool = PoolInfo.of(kv.pool, kv.layout.block_bytes)
-        self._agent = _agent(agent_name)
+        self._agent = _agent(agent_name, tuning)
         self._registration = _register(self._agent, self._pool)
-        self._tick = progress_interval_s
+        self._tick = tuning.progress_interval_s
         self._remotes: dict[str, PoolInfo] = {}
 
     def describe(self) -> dict[str, Any]:
@@ -181,6 +208,11 @@ def _failure(agent: str, e: Exception) -> TransferFailed:
     return TransferFailed(f"NIXL error writing to {agent}: {e}")
 
 
+def default_tuning(kv: KVCache) -> NixlTuning:
+    """DRAM: the caller posts (a 2-core box has no core to spare for NIXL's threads)."""
+    return NixlTuning()
+
+
 def make_sink(
     kv: KVCache,
     *,
@@ -188,10 +220,10 @@ def make_sink(
     host: str = "127.0.0.1",
     port: int = 0,
     peer_loss_grace_s: float = 0.05,
-    progress_interval_s: float = 2e-4,
+    tuning: NixlTuning | None = None,
 ) -> Sink:
     name = agent_name or f"kv-sink-{uuid.uuid4().hex[:12]}"
-    transport = NixlSinkTransport(kv, name, progress_interval_s)
+    transport = NixlSinkTransport(kv, name, tuning or default_tuning(kv))
     return Sink(
         kv,
         transport,
@@ -208,10 +240,10 @@ def make_source(
     *,
     agent_name: str | None = None,
     handshake_timeout_s: float = 10.0,
-    progress_interval_s: float = 2e-4,
+    tuning: NixlTuning | None = None,
 ) -> Source:
     name = agent_name or f"kv-source-{uuid.uuid4().hex[:12]}"
-    transport = NixlSourceTransport(kv, name, progress_interval_s)
+    transport = NixlSourceTransport(kv, name, tuning or default_tuning(kv))
     return Source(
         kv, transport, agent_name=name, backend=NAME, handshake_timeout_s=handshake_timeout_s
     )

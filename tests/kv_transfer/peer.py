@@ -171,9 +171,9 @@ def _make(role: str, backend: str, kv: Any, options: dict[str, Any]) -> tuple[An
         return registry.make_sink(backend, kv, **options), None
     name = "src-" + os.urandom(6).hex()  # the NIXL agent and the hello must use one name
     if backend == "nixl":
-        from kv_transfer.nixl import NixlSourceTransport
+        from kv_transfer.nixl import NixlSourceTransport, NixlTuning
 
-        gate = GatedTransport(NixlSourceTransport(kv, name, 2e-4))
+        gate = GatedTransport(NixlSourceTransport(kv, name, NixlTuning()))
     else:
         from kv_transfer.ucx import UcxSourceTransport
 
