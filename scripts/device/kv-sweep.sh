@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# On nvidia-h200-x2 (issue 3, acceptance 3): what moves a 3,000-token Llama-3.1-8B KV (188 x 2 MiB
+# blocks) from cuda:0 to cuda:1 fastest through bench.kv_transfer (NIXL, UCX cuda_ipc): the link's
+# own floor, then one bench run per configuration. Writes $OUT/sweep.log and $OUT/sweep.jsonl.
+# Carry: .whl (core bundle: nixl). Extra bench flags for every run: KV_SWEEP_FLAGS.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export NIXL_LOG_LEVEL=WARN UCX_LOG_LEVEL=warn PYTHONUNBUFFERED=1
+LOG=$OUT/sweep.log
+{ nvidia-smi topo -m; nproc; } >"$LOG" 2>&1
+echo "== floor (torch, one process)" >>"$LOG"
+timeout 120 python3 scripts/device/nvlink_floor.py >>"$LOG" 2>&1
+BASE="--backend nixl --device cuda --source-device cuda:0 --sink-device cuda:1 --layout llama-3.1-8b --json"
+T20="--progress-interval-us 20"
+run() {  # name, env assignments ("-" for none), bench flags
+  local name=$1 envs=$2; shift 2
+  echo "== $name  env: $envs  flags: $*" >>"$LOG"
+  local e=(); [ "$envs" != "-" ] && read -ra e <<<"$envs"
+  env "${e[@]}" timeout 150 python3 -m bench.kv_transfer $BASE ${KV_SWEEP_FLAGS:-} "$@" \
+    >"$OUT/_one.json" 2>>"$LOG"
+  python3 - "$name" "$envs" "$OUT/_one.json" >>"$OUT/sweep.jsonl" 2>>"$LOG" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[3]))
+for row in r["results"]:
+    print(json.dumps({"name": sys.argv[1], "env": sys.argv[2], "tuning": r["nixl_tuning"],
+                      "scatter": r["scatter"], **row}))
+PY
+}
+if [ -n "${KV_SWEEP_RUNS:-}" ]; then eval "$KV_SWEEP_RUNS"; else
+S="--tokens 3000,8000 --repeat 10"
+run base - $S
+run tick20 - $S $T20
+run t2 - $S $T20 --nixl-threads 2 --nixl-split 16
+run t4 - $S $T20 --nixl-threads 4 --nixl-split 16
+run t8 - $S $T20 --nixl-threads 8 --nixl-split 8
+run t16 - $S $T20 --nixl-threads 16 --nixl-split 4
+run t4-proto-v1 UCX_PROTO_ENABLE=n $S $T20 --nixl-threads 4 --nixl-split 16
+run t4-tls UCX_TLS=cuda_ipc,cuda_copy,tcp $S $T20 --nixl-threads 4 --nixl-split 16
+run sgl NIXL_UCX_SGL_ENABLE=1 $S $T20
+run runs8 - $S $T20 --block-runs 8
+run runs8-t4 - $S $T20 --block-runs 8 --nixl-threads 4 --nixl-split 4
+run contiguous - $S $T20 --block-runs 0
+fi
+echo "== summary (median latency ms, GiB/s; post called/returned ms after send(); source done ms)" >>"$LOG"
+python3 - "$OUT/sweep.jsonl" >>"$LOG" 2>&1 <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"{r['name']:>14} {r['tokens']:>6} tok {r['descriptors']:>4} desc  "
+          f"{r['latency_ms']['median']:6.2f} ms (min {r['latency_ms']['min']:.2f})  "
+          f"{r['bandwidth_gib_s']['median']:6.1f} GiB/s  post {r['post_called_ms_median']:.2f}/"
+          f"{r['post_returned_ms_median']:.2f}  done {r['source_done_ms_median']:.2f}  "
+          f"ok={r['verified_byte_for_byte']}")
+PY
+rm -f "$OUT/_one.json"
+tail -40 "$LOG"
