@@ -33,9 +33,7 @@ run tick20 - $S $T20
 run t2 - $S $T20 --nixl-threads 2 --nixl-split 16
 run t4 - $S $T20 --nixl-threads 4 --nixl-split 16
 run t8 - $S $T20 --nixl-threads 8 --nixl-split 8
-run t16 - $S $T20 --nixl-threads 16 --nixl-split 4
 run t4-proto-v1 UCX_PROTO_ENABLE=n $S $T20 --nixl-threads 4 --nixl-split 16
-run t4-tls UCX_TLS=cuda_ipc,cuda_copy,tcp $S $T20 --nixl-threads 4 --nixl-split 16
 run sgl NIXL_UCX_SGL_ENABLE=1 $S $T20
 run runs8 - $S $T20 --block-runs 8
 run runs8-t4 - $S $T20 --block-runs 8 --nixl-threads 4 --nixl-split 4
