@@ -71,10 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve_cli.add_parsers(sub, _model_dir)  # serve, scale, planner
 
+    from bench import goodput as bench_goodput
     from bench import serve as bench_serve
 
     bench = sub.add_parser("bench", help="benchmark clients")
-    bench_serve.add_parser(bench.add_subparsers(dest="bench_command", required=True))
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bench_serve.add_parser(bench_sub)
+    bench_goodput.add_parser(bench_sub)
 
     from deploy import plan, profile
 
