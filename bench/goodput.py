@@ -42,7 +42,14 @@ from typing import Any
 
 import httpx
 
-from bench.serve import BenchConfig, RequestResult, first_model, one_request, percentiles
+from bench.serve import (
+    BenchConfig,
+    RequestResult,
+    first_model,
+    nan_to_null,
+    one_request,
+    percentiles,
+)
 
 ATTAINMENT_GOAL = 0.9  # goodput: the highest rate with at least this share of good requests
 
@@ -352,7 +359,7 @@ def main_run(args: argparse.Namespace) -> int:
         return 2
     print(TABLE_HEADER, file=sys.stderr)
     result = sweep_sync(config)
-    text = json.dumps(_no_nan(result), indent=2)
+    text = json.dumps(nan_to_null(result), indent=2)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
@@ -375,17 +382,6 @@ def main_plot(args: argparse.Namespace) -> int:
     plot(results, args.out)
     print(f"plot: {args.out}")
     return 0
-
-
-def _no_nan(value: Any) -> Any:
-    """NaN (a metric with no samples) as null: JSON has no NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_no_nan(v) for v in value]
-    return value
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -324,18 +324,18 @@ def main(args: argparse.Namespace) -> int:
         print(f"bench serve: {exc}", file=sys.stderr)
         return 2
     summary = asyncio.run(run(config))
-    print(json.dumps(_no_nan(summary), indent=2) if args.json else format_table(summary))
+    print(json.dumps(nan_to_null(summary), indent=2) if args.json else format_table(summary))
     return 0 if summary["failed"] == 0 else 1
 
 
-def _no_nan(value: Any) -> Any:
+def nan_to_null(value: Any) -> Any:
     """NaN (a metric with no samples) as null: JSON has no NaN."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
-        return {k: _no_nan(v) for k, v in value.items()}
+        return {k: nan_to_null(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_no_nan(v) for v in value]
+        return [nan_to_null(v) for v in value]
     return value
 
 
