@@ -3,7 +3,8 @@
 Config is built here, once, into a frozen RouterConfig; uvicorn runs the app on 127.0.0.1 unless
 told otherwise. Prints `READY router host:port` once it is listening (--port 0: any free port).
 Workers are given here, or registered at run time through `/admin/workers` (router/admin.py);
-the admin key comes from --admin-key or $TANDEM_ADMIN_KEY.
+the admin key comes from --admin-key or $TANDEM_ADMIN_KEY, the API key from --api-key or
+$TANDEM_API_KEY (prefer the variables: a command line is visible to every local user).
 """
 
 from __future__ import annotations
@@ -17,8 +18,17 @@ from pathlib import Path
 
 import uvicorn
 
-from router.config import Mode, PolicyConfig, Role, RouterConfig, parse_workers
+from router.config import (
+    AdmissionConfig,
+    Limits,
+    Mode,
+    PolicyConfig,
+    Role,
+    RouterConfig,
+    parse_workers,
+)
 from router.server import build_app
+from runtime.tls import add_tls_args, tls_from_args
 from runtime.tokenizer import Tokenizer
 
 
@@ -50,12 +60,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefill-weight", type=float, default=1.0,
         help="cost weight of a block to prefill against a block of KV held",
     )  # fmt: skip
-    p.add_argument("--request-timeout-s", type=float, default=600.0)
+    p.add_argument(
+        "--request-timeout-s", type=float, default=600.0,
+        help="a request still running after this long ends with 504 and is aborted on its workers",
+    )  # fmt: skip
     p.add_argument("--load-interval-s", type=float, default=0.2)
     p.add_argument(
         "--admin-key", default=os.environ.get("TANDEM_ADMIN_KEY"),
         help="bearer token for /admin/* (default: $TANDEM_ADMIN_KEY; unset: no auth)",
     )  # fmt: skip
+    p.add_argument(
+        "--api-key", default=os.environ.get("TANDEM_API_KEY"),
+        help="bearer token for /v1/* (default: $TANDEM_API_KEY; unset: no auth)",
+    )  # fmt: skip
+    limits = p.add_argument_group("limits (beyond them: 400, 413 for the body)")
+    limits.add_argument("--max-body-bytes", type=int, default=Limits().max_body_bytes)
+    limits.add_argument(
+        "--max-prompt-tokens", type=int, default=None, help="default: the context length"
+    )  # fmt: skip
+    limits.add_argument(
+        "--max-output-tokens", type=int, default=None,
+        help="max_tokens ceiling, also the default when a request gives none (default: the "
+        "context length)",
+    )  # fmt: skip
+    limits.add_argument(
+        "--max-choices", type=int, default=Limits().max_choices, help="prompts x n per request"
+    )  # fmt: skip
+    overload = p.add_argument_group("overload (503 + Retry-After when every decode worker is full)")
+    overload.add_argument(
+        "--max-inflight-per-worker", type=int, default=None,
+        help="choices in flight per decode worker before it is saturated (default: twice its "
+        "max_num_seqs)",
+    )  # fmt: skip
+    overload.add_argument("--retry-after-s", type=int, default=AdmissionConfig().retry_after_s)
+    add_tls_args(p.add_argument_group("TLS of the gRPC channels to the workers"))
     p.add_argument(
         "--slo-ttft", type=float, default=None,
         help="seconds; with --slo-itl: count goodput (choices within both) in /metrics",
@@ -84,6 +122,18 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         request_timeout_s=args.request_timeout_s,
         load_interval_s=args.load_interval_s,
         admin_key=args.admin_key or None,
+        api_key=args.api_key or None,
+        limits=Limits(
+            max_body_bytes=args.max_body_bytes,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_output_tokens=args.max_output_tokens,
+            max_choices=args.max_choices,
+        ),
+        admission=AdmissionConfig(
+            max_inflight_per_worker=args.max_inflight_per_worker,
+            retry_after_s=args.retry_after_s,
+        ),
+        grpc_tls=tls_from_args(args.grpc_tls_cert, args.grpc_tls_key, args.grpc_tls_ca),
         slo_ttft_s=args.slo_ttft,
         slo_itl_s=args.slo_itl,
     )

@@ -17,7 +17,6 @@ unless a reconciler polled within RECONCILER_STALE_S. With an admin key every ca
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,19 +26,12 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Query, Response
 from pydantic import BaseModel, Field
 
 from router.config import Role, WorkerAddress
-from router.errors import InvalidRequest, RouterError
+from router.errors import InvalidRequest, RouterError, Unauthorized
+from router.guard import bearer_matches
 from router.registry import WorkerConflict, WorkerRegistry, WorkerState
 
 RECONCILER_HEADER = "x-tandem-reconciler"
 RECONCILER_STALE_S = 10.0  # a reconciler polls every ~0.5 s; this long without one: none
-
-
-class Unauthorized(RouterError):
-    status_code = 401
-    error_type = "authentication_error"
-
-    def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": "Bearer"}
 
 
 class NotFound(RouterError):
@@ -118,8 +110,8 @@ def add_admin_routes(
     def authorize(authorization: Annotated[str | None, Header()] = None) -> None:
         if admin_key is None:
             return
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token, admin_key):
+        # Starlette decodes header bytes as latin-1: encoding back gives the raw bytes
+        if not bearer_matches((authorization or "").encode("latin-1"), admin_key):
             raise Unauthorized("the admin API needs `Authorization: Bearer <admin key>`")
 
     admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(authorize)])

@@ -9,29 +9,31 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
-
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc
 from router.config import Role, WorkerAddress
+from runtime.grpc_server import MAX_MESSAGE_BYTES
+from runtime.tls import TlsFiles, open_channel
 
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 
 
 class WorkerClient:
     """Typed calls to one worker (either role); safe to share between requests."""
 
-    def __init__(self, worker: WorkerAddress, rpc_timeout_s: float) -> None:
+    def __init__(
+        self, worker: WorkerAddress, rpc_timeout_s: float, tls: TlsFiles | None = None
+    ) -> None:
         self.worker = worker
         self._rpc_timeout_s = rpc_timeout_s
-        self._channel = grpc.aio.insecure_channel(worker.address, options=_CHANNEL_OPTIONS)
+        self._channel = open_channel(worker.address, tls, _CHANNEL_OPTIONS)
         stub: Any
         if worker.role is Role.DECODE:
             stub = tandem_pb2_grpc.DecodeWorkerStub(self._channel)

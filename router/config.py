@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runtime.tls import TlsFiles
+
 
 class Mode(enum.Enum):
     """Where a request's prompt is computed."""
@@ -65,6 +67,44 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """What one request may ask for; beyond it the router answers 400 (413 for the body)."""
+
+    max_body_bytes: int = 8 << 20  # HTTP request body; a 128K-token prompt is ~1 MB of JSON
+    # Prompt tokens per prompt; None: the context length (max_model_len - 1).
+    max_prompt_tokens: int | None = None
+    # Output tokens per choice (max_tokens / max_completion_tokens), also the default when the
+    # request gives none; None: up to the context length.
+    max_output_tokens: int | None = None
+    max_choices: int = 256  # prompts x n in one request
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_prompt_tokens", "max_output_tokens", "max_choices"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    """When the router sheds load (router/admission.py); units in the names."""
+
+    # Choices a decode worker may have in flight from this router before it counts as
+    # saturated; None: twice the max_num_seqs the worker reports (one batch running, at most
+    # one batch waiting in its engine queue).
+    max_inflight_per_worker: int | None = None
+    retry_after_s: int = 1  # the Retry-After of a 503 when every decode worker is saturated
+
+    def __post_init__(self) -> None:
+        if self.max_inflight_per_worker is not None and self.max_inflight_per_worker < 1:
+            raise ValueError(
+                f"max_inflight_per_worker must be >= 1, got {self.max_inflight_per_worker}"
+            )
+        if self.retry_after_s < 1:
+            raise ValueError(f"retry_after_s must be >= 1, got {self.retry_after_s}")
+
+
+@dataclass(frozen=True, slots=True)
 class RouterConfig:
     model_dir: Path  # tokenizer and chat template are read from here
     served_model_name: str  # the only `model` value requests may name
@@ -84,6 +124,13 @@ class RouterConfig:
     # `/admin/*` (worker registration, pool targets) needs `Authorization: Bearer <admin_key>`;
     # None: the admin API is open (the router binds loopback unless told otherwise).
     admin_key: str | None = field(default=None, repr=False)
+    # `/v1/*` needs `Authorization: Bearer <api_key>`; None: open. /health and /metrics stay
+    # open (probes and scrapers), as in vLLM.
+    api_key: str | None = field(default=None, repr=False)
+    limits: Limits = field(default_factory=Limits)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    # TLS of the router's gRPC channels to the workers; None: plaintext (loopback only).
+    grpc_tls: TlsFiles | None = None
     # Goodput accounting (tandem_router_goodput_requests_total): a finished choice counts when
     # its TTFT <= slo_ttft_s and its mean inter-token latency <= slo_itl_s; None: not counted.
     slo_ttft_s: float | None = None
@@ -97,6 +144,9 @@ class RouterConfig:
             raise ValueError("decode_workers must all have role DECODE")
         if any(w.role is not Role.PREFILL for w in self.prefill_workers):
             raise ValueError("prefill_workers must all have role PREFILL")
+        for key in (self.admin_key, self.api_key):
+            if key is not None and not key:
+                raise ValueError("an API or admin key must be non-empty (None: no key)")
         if not self.served_model_name:
             raise ValueError("served_model_name must be non-empty")
         if self.max_model_len is not None and self.max_model_len < 1:

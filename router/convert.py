@@ -12,11 +12,15 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from proto import tandem_pb2 as pb
+from router.config import Limits
 from router.errors import InvalidRequest
 from router.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 MAX_LOGPROBS = 20  # engine/sampling_params.py MAX_LOGPROBS; OpenAI's chat API allows 20
 MAX_N = 128
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"self", "messages", "add_generation_prompt", "tools", "chat_template"}
+)
 _INT64 = 2**63
 _UINT32 = 2**32
 
@@ -155,6 +159,11 @@ def validate_chat(req: ChatCompletionRequest) -> None:
         _bad("tools", "tool calling is not supported")
     if req.response_format is not None and req.response_format.get("type") != "text":
         _bad("response_format", "only response_format {'type': 'text'} is supported")
+    reserved = RESERVED_TEMPLATE_KWARGS.intersection(req.chat_template_kwargs or {})
+    if reserved:
+        # `chat_template` would run a client's own template (vLLM refuses it unless told to
+        # trust request templates); the others are the router's own arguments.
+        _bad("chat_template_kwargs", f"chat_template_kwargs may not set {sorted(reserved)}")
 
 
 def stop_strings(req: SamplingFields) -> list[str]:
@@ -175,18 +184,33 @@ def resolve_max_tokens(
     requested: int | None,
     num_prompt_tokens: int,
     max_model_len: int,
+    limits: Limits,
     param: str,
     prompt_param: str = "prompt",
 ) -> int:
-    """Output token budget; the prompt plus it must fit the context (vLLM's message)."""
+    """Output token budget; the prompt plus it must fit the context (vLLM's message) and both
+    must be within the router's limits."""
     if num_prompt_tokens >= max_model_len:
         _bad(
             prompt_param,
             f"This model's maximum context length is {max_model_len} tokens. However, your "
             f"prompt has {num_prompt_tokens} tokens, leaving no room for output.",
         )
+    if limits.max_prompt_tokens is not None and num_prompt_tokens > limits.max_prompt_tokens:
+        _bad(
+            prompt_param,
+            f"the prompt has {num_prompt_tokens} tokens; this server accepts at most "
+            f"{limits.max_prompt_tokens}",
+        )
+    room = max_model_len - num_prompt_tokens
     if requested is None:
-        return max_model_len - num_prompt_tokens
+        if limits.max_output_tokens is None:
+            return room
+        return min(room, limits.max_output_tokens)
+    if limits.max_output_tokens is not None and requested > limits.max_output_tokens:
+        _bad(
+            param, f"{param} must be <= {limits.max_output_tokens} on this server, got {requested}"
+        )
     if num_prompt_tokens + requested > max_model_len:
         _bad(
             param,
@@ -195,6 +219,15 @@ def resolve_max_tokens(
             f"prompt, {requested} for the completion). Reduce the prompt or {param}.",
         )
     return requested
+
+
+def check_num_choices(num_choices: int, limits: Limits) -> None:
+    if num_choices > limits.max_choices:
+        _bad(
+            "n",
+            f"the request asks for {num_choices} choices (prompts x n); this server accepts "
+            f"at most {limits.max_choices}",
+        )
 
 
 def sampling_to_proto(

@@ -45,18 +45,41 @@ class ModelNotFound(InvalidRequest):
         )
 
 
+class Unauthorized(RouterError):
+    """No or a wrong bearer token (the API key of /v1/*, the admin key of /admin/*)."""
+
+    status_code = 401
+    error_type = "authentication_error"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class PayloadTooLarge(InvalidRequest):
+    status_code = 413
+
+
 class ServiceUnavailable(RouterError):
     """No worker can take the request now; the client should retry later."""
 
     status_code = 503
     error_type = "service_unavailable"
 
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message, code="service_unavailable")
+    def __init__(
+        self, message: str, retry_after_s: int = 1, code: str = "service_unavailable"
+    ) -> None:
+        super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class Overloaded(ServiceUnavailable):
+    """Every healthy decode worker is saturated (router/admission.py): shed, retry later."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, retry_after_s, code="overloaded")
 
 
 class WorkerFailed(RouterError):

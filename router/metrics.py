@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from router.config import RouterConfig
+from router.admission import Admission
+from router.config import Role, RouterConfig
 from router.registry import WorkerRegistry
 
 _OVERHEAD_BUCKETS_S = (
@@ -35,7 +36,7 @@ _TOKEN_BUCKETS = (
 
 
 class RouterMetrics:
-    def __init__(self, workers: WorkerRegistry, config: RouterConfig) -> None:
+    def __init__(self, workers: WorkerRegistry, config: RouterConfig, admission: Admission) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         info = Gauge(
@@ -123,6 +124,16 @@ class RouterMetrics:
             "tandem_router_finished_choices", "Finished choices by finish reason", ["reason"],
             registry=r,
         )  # fmt: skip
+        self.admitted = Counter(
+            "tandem_router_admitted_requests",
+            "Requests admitted: validated and routed to decode workers below their in-flight "
+            "limit", registry=r,
+        )  # fmt: skip
+        self.shed = Counter(
+            "tandem_router_shed_requests",
+            "Valid requests refused with 503 + Retry-After, by reason (saturated: every healthy "
+            "decode worker at its in-flight limit)", ["reason"], registry=r,
+        )  # fmt: skip
         self._slo: tuple[float, float] | None = None  # (ttft, itl) seconds
         self.goodput = Counter(
             "tandem_router_goodput_requests",
@@ -138,7 +149,7 @@ class RouterMetrics:
             self._slo = (config.slo_ttft_s, config.slo_itl_s)
             slo.labels("ttft").set(config.slo_ttft_s)
             slo.labels("itl").set(config.slo_itl_s)
-        r.register(_WorkerCollector(workers))
+        r.register(_WorkerCollector(workers, admission))
 
     def observe_choice(self, ttft_s: float, gaps_s: list[float]) -> None:
         """A finished choice: its TPOT, and whether it met the SLOs (goodput)."""
@@ -155,8 +166,9 @@ class RouterMetrics:
 class _WorkerCollector(Collector):
     """Per-worker gauges, read from the registry at scrape time."""
 
-    def __init__(self, workers: WorkerRegistry) -> None:
+    def __init__(self, workers: WorkerRegistry, admission: Admission) -> None:
         self._workers = workers
+        self._admission = admission
 
     def collect(self) -> Iterator[Metric]:
         labels = ["worker_id", "role"]
@@ -187,15 +199,36 @@ class _WorkerCollector(Collector):
             "pool's prefill queue as the router sees it)",
             labels=labels,
         )
+        admitted = GaugeMetricFamily(
+            "tandem_router_worker_admitted_choices",
+            "Choices admitted to the decode worker whose responses have not ended (what "
+            "admission control counts against the limit)", labels=labels,
+        )  # fmt: skip
+        limit = GaugeMetricFamily(
+            "tandem_router_worker_admission_limit_choices",
+            "Admitted choices at which the decode worker counts as saturated", labels=labels,
+        )  # fmt: skip
+        waiting = GaugeMetricFamily(
+            "tandem_router_worker_waiting_requests",
+            "Requests waiting in the worker's engine queue (last Load report): the queue depth",
+            labels=labels,
+        )  # fmt: skip
+        held = self._admission.held()
         for s in self._workers.states():
             values = [s.worker.worker_id, s.worker.role.value]
+            load = s.load
+            waiting.add_metric(values, load.num_waiting if load is not None else 0)
+            if s.worker.role is Role.DECODE:
+                admitted.add_metric(values, held.get(s.worker.worker_id, 0))
+                max_num_seqs = load.max_num_seqs if load is not None else 0
+                limit.add_metric(values, self._admission.limit(max_num_seqs))
             healthy.add_metric(values, 1.0 if s.healthy else 0.0)
             inflight.add_metric(values, s.num_inflight)
             prefill.add_metric(values, s.inflight_prefill_tokens)
             free.add_metric(values, s.load.num_blocks_free if s.load is not None else 0)
             cached.add_metric(values, len(s.cached_hashes))
             prefilling.add_metric(values, s.num_prefilling)
-        yield from (healthy, inflight, prefill, free, cached, prefilling)
+        yield from (healthy, inflight, prefill, free, cached, prefilling, admitted, limit, waiting)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

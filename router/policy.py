@@ -49,6 +49,7 @@ class WorkerSnapshot:
     max_model_len: int  # tokens, prompt + output
     num_blocks_total: int
     num_blocks_free: int  # last report: allocatable now (free + evictable cached)
+    max_num_seqs: int = 0  # requests the worker's engine runs per step (its Load report)
     # The router's own accounting of requests it dispatched here; current at decision time.
     num_inflight: int = 0  # requests not finished
     inflight_prefill_tokens: int = 0  # uncached prompt tokens whose prefill is not done

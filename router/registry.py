@@ -28,6 +28,7 @@ from router.client import WorkerClient
 from router.config import Role, WorkerAddress
 from router.policy import RouteDecision, WorkerSnapshot, prefix_overlap
 from runtime.block_hash import hash_request_blocks
+from runtime.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,10 @@ class WorkerRegistry:
         rpc_timeout_s: float,
         load_interval_s: float,
         health_interval_s: float,
+        tls: TlsFiles | None = None,
     ) -> None:
         self._addresses = tuple(workers)
+        self._tls = tls  # of the gRPC channels to the workers; None: plaintext
         self._rpc_timeout_s = rpc_timeout_s
         self._load_interval_s = load_interval_s
         self._health_interval_s = health_interval_s
@@ -154,14 +157,14 @@ class WorkerRegistry:
             task = asyncio.get_running_loop().create_task(old_client.close())
             self._background(task)
             state.worker = worker
-            state.client = WorkerClient(worker, self._rpc_timeout_s)
+            state.client = WorkerClient(worker, self._rpc_timeout_s, self._tls)
             state.ready = state.reachable = False
             state.load = None
             state.cached_hashes.clear()
         else:
             log.info("worker %s (%s) added at %s", worker.worker_id, worker.role.value,
                      worker.address)  # fmt: skip
-            state = WorkerState(worker, WorkerClient(worker, self._rpc_timeout_s))
+            state = WorkerState(worker, WorkerClient(worker, self._rpc_timeout_s, self._tls))
             self._workers[worker.worker_id] = state
         self._tasks[worker.worker_id] = [
             asyncio.create_task(self._poll(state)),
@@ -366,6 +369,7 @@ def _snapshot(s: WorkerState) -> WorkerSnapshot:
         max_model_len=load.max_model_len,
         num_blocks_total=load.num_blocks_total,
         num_blocks_free=load.num_blocks_free,
+        max_num_seqs=load.max_num_seqs,
         num_inflight=s.num_inflight,
         inflight_prefill_tokens=s.inflight_prefill_tokens,
         inflight_kv_blocks=s.inflight_kv_blocks,

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -25,8 +25,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router.admin import add_admin_routes
+from router.admission import Admission
 from router.config import Role, RouterConfig
 from router.errors import InvalidRequest, RouterError, ServiceUnavailable, error_body
+from router.guard import Guard
 from router.metrics import RouterMetrics, scrape_targets
 from router.protocol import (
     ChatCompletionRequest,
@@ -54,7 +56,12 @@ KNOWN_PATHS = frozenset(
 )  # fmt: skip
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid request"},
-    503: {"model": ErrorResponse, "description": "No healthy worker; retry after Retry-After"},
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key (--api-key)"},
+    413: {"model": ErrorResponse, "description": "Request body over the size limit"},
+    503: {
+        "model": ErrorResponse,
+        "description": "No healthy decode worker, or every one saturated; retry after Retry-After",
+    },
 }
 
 
@@ -68,9 +75,11 @@ def build_app(config: RouterConfig, tokenizer: Tokenizer) -> FastAPI:
         rpc_timeout_s=config.rpc_timeout_s,
         load_interval_s=config.load_interval_s,
         health_interval_s=config.health_interval_s,
+        tls=config.grpc_tls,
     )
-    metrics = RouterMetrics(registry, config)
-    frontend = Frontend(config, tokenizer, registry, metrics)
+    admission = Admission(config.admission)
+    metrics = RouterMetrics(registry, config, admission)
+    frontend = Frontend(config, tokenizer, registry, metrics, admission)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -88,6 +97,8 @@ def build_app(config: RouterConfig, tokenizer: Tokenizer) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.frontend = frontend
+    # the guard runs inside the stamp, so its 401s and 413s are counted too
+    app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.limits.max_body_bytes)
     app.add_middleware(_Stamp, metrics=metrics)
     _add_error_handlers(app)
     app.state.scale = add_admin_routes(app, registry, config.admin_key)
@@ -154,6 +165,7 @@ async def _respond(frontend: Frontend, plan: Plan, request: Request) -> Response
     formatter = StreamFormatter(plan, frontend.token_strings)
     return _EventStream(
         _sse(frontend, plan, formatter, first, events),
+        on_close=lambda: frontend.finish_timing(plan),
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache"},
     )
@@ -226,7 +238,16 @@ async def _disconnected(receive: Receive) -> None:
 
 class _EventStream(StreamingResponse):
     """A StreamingResponse that always watches for the client going away (Starlette only does
-    for ASGI < 2.4) and always closes its body iterator, so worker streams get cancelled."""
+    for ASGI < 2.4) and always closes its body iterator, so worker streams get cancelled.
+    `on_close` runs last, whatever happened: a body iterator that never started (the client
+    left first) runs no `finally` of its own, and the request's admission slot must still be
+    released."""
+
+    def __init__(
+        self, content: AsyncIterator[bytes], on_close: Callable[[], None], **kwargs: Any
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -245,6 +266,7 @@ class _EventStream(StreamingResponse):
             if hasattr(iterator, "aclose"):
                 with contextlib.suppress(Exception), anyio.CancelScope(shield=True):
                     await iterator.aclose()
+            self.on_close()
 
 
 def _arrival_s(request: Request) -> float:

@@ -26,12 +26,14 @@ import grpc
 
 from proto import tandem_pb2 as pb
 from router import convert
+from router.admission import Admission, Slot
 from router.config import RouterConfig
 from router.convert import Delta
 from router.errors import (
     DeadlineExceeded,
     InvalidRequest,
     ModelNotFound,
+    Overloaded,
     RouterError,
     ServiceUnavailable,
     WorkerFailed,
@@ -84,6 +86,7 @@ class Plan:
     include_usage: bool
     logprobs: bool  # format logprobs into the response
     timing: Timing = field(compare=False)
+    slot: Slot = field(compare=False)  # its admitted choices, released by finish_timing
 
     def route_header(self) -> str:
         decisions = {c.prompt_index: c.decision for c in self.choices}
@@ -106,8 +109,10 @@ class Frontend:
         tokenizer: Tokenizer,
         registry: WorkerRegistry,
         metrics: RouterMetrics,
+        admission: Admission,
     ) -> None:
         self.config = config
+        self.admission = admission
         self.tokenizer = tokenizer
         self.registry = registry
         self.metrics = metrics
@@ -163,13 +168,19 @@ class Frontend:
         prompt_param = "prompt" if endpoint is Endpoint.COMPLETIONS else "messages"
         request_id = f"{prefix}{uuid.uuid4().hex}"
         num_choices = len(prompts) * req.n
+        convert.check_num_choices(num_choices, self.config.limits)
         # every prompt is validated before any is routed: a 400 never counts as a route
         samplings = [
             [
                 convert.sampling_to_proto(
                     req,
                     max_tokens=convert.resolve_max_tokens(
-                        max_tokens, len(ids), max_model_len, max_tokens_param, prompt_param
+                        max_tokens,
+                        len(ids),
+                        max_model_len,
+                        self.config.limits,
+                        max_tokens_param,
+                        prompt_param,
                     ),
                     logprobs=logprobs,
                     seed=convert.child_seed(req.seed, i),
@@ -179,12 +190,18 @@ class Frontend:
             for ids in prompts
         ]
         choices: list[Choice] = []
-        for p, ids in enumerate(prompts):
-            decision = self._route(ids)
-            for i, sampling in enumerate(samplings[p]):
-                index = p * req.n + i
-                rid = request_id if num_choices == 1 else f"{request_id}-{index}"
-                choices.append(Choice(index, p, rid, ids, sampling, decision))
+        slot = Slot()
+        try:
+            for p, ids in enumerate(prompts):
+                decision = self._route(ids, slot, req.n)
+                for i, sampling in enumerate(samplings[p]):
+                    index = p * req.n + i
+                    rid = request_id if num_choices == 1 else f"{request_id}-{index}"
+                    choices.append(Choice(index, p, rid, ids, sampling, decision))
+        except BaseException:
+            self.admission.release(slot)
+            raise
+        self.metrics.admitted.inc()
         return Plan(
             endpoint=endpoint,
             request_id=request_id,
@@ -196,16 +213,23 @@ class Frontend:
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             logprobs=logprobs is not None,
             timing=Timing(arrival_s),
+            slot=slot,
         )
 
-    def _route(self, prompt_ids: list[int]) -> RouteDecision:
+    def _route(self, prompt_ids: list[int], slot: Slot, num_choices: int) -> RouteDecision:
+        """Route one prompt's `num_choices` choices and charge them to the admission slot."""
         self._seq += 1
         request = RouteRequest(len(prompt_ids), self.registry.overlaps(prompt_ids), self._seq)
-        snapshot = self.registry.snapshot()
+        try:
+            snapshot = self.admission.open_workers(self.registry.snapshot())
+        except Overloaded:
+            self.metrics.shed.labels("saturated").inc()
+            raise
         try:
             decision = route(request, snapshot, self.config.mode, self.config.policy)
         except Unroutable as exc:
             raise ServiceUnavailable(str(exc)) from exc
+        self.admission.charge(slot, decision.decode_worker_id, num_choices)
         prefilled_on = decision.prefill_worker_id or decision.decode_worker_id
         self.metrics.routes.labels(
             decision.mode.value,
@@ -362,7 +386,10 @@ class Frontend:
             log.info("abort %s on %s failed: %s", request_id, worker_id, exc.code().name)
 
     def finish_timing(self, plan: Plan) -> None:
-        """Called once per request when its last output is handed to the client."""
+        """Called when the request's last output is handed to the client, or it is dropped:
+        releases its admission slot; idempotent."""
+        if not self.admission.release(plan.slot):
+            return
         self.metrics.overhead_s.observe(plan.timing.overhead_s)
         self.metrics.e2e_s.observe(time.perf_counter() - plan.timing.arrival_s)
 

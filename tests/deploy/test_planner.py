@@ -23,6 +23,7 @@ from deploy.planner import (
     decide,
 )
 from deploy.reconcile import Target
+from router.admission import Admission
 from router.config import RouterConfig
 from router.metrics import RouterMetrics
 from router.registry import WorkerRegistry
@@ -161,7 +162,8 @@ def test_never_beyond_the_budget(
 
 def router_metrics() -> RouterMetrics:
     registry = WorkerRegistry([], rpc_timeout_s=1, load_interval_s=1, health_interval_s=1)
-    return RouterMetrics(registry, RouterConfig(Path("tiny"), "tiny", decode_workers=()))
+    config = RouterConfig(Path("tiny"), "tiny", decode_workers=())
+    return RouterMetrics(registry, config, Admission(config.admission))
 
 
 def finish(m: RouterMetrics, n: int, isl: int, cached: int, osl: int, ttft: float) -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from proto import tandem_pb2 as pb
 from router import convert
+from router.config import Limits
 from router.convert import Delta, FinishReason, TokenLogprob, Usage
 from router.errors import InvalidRequest
 from router.logprobs import TokenStrings, chat_logprobs, completion_logprobs
@@ -104,6 +105,9 @@ def test_validate_completion_and_chat() -> None:
         ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
         ({"tools": [{"type": "function"}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"chat_template_kwargs": {"chat_template": "{{ 7 * 7 }}"}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"self": 1}}, "chat_template_kwargs"),
     ]:
         with pytest.raises(InvalidRequest) as info:
             convert.validate_chat(ChatCompletionRequest.model_validate({**chat, **fields}))
@@ -111,12 +115,26 @@ def test_validate_completion_and_chat() -> None:
 
 
 def test_resolve_max_tokens_against_the_context() -> None:
-    assert convert.resolve_max_tokens(None, 10, 100, "max_tokens") == 90
-    assert convert.resolve_max_tokens(90, 10, 100, "max_tokens") == 90
+    none = Limits()
+    assert convert.resolve_max_tokens(None, 10, 100, none, "max_tokens") == 90
+    assert convert.resolve_max_tokens(90, 10, 100, none, "max_tokens") == 90
     with pytest.raises(InvalidRequest, match="maximum context length is 100"):
-        convert.resolve_max_tokens(91, 10, 100, "max_tokens")
+        convert.resolve_max_tokens(91, 10, 100, none, "max_tokens")
     with pytest.raises(InvalidRequest) as info:
-        convert.resolve_max_tokens(None, 100, 100, "max_completion_tokens", "messages")
+        convert.resolve_max_tokens(None, 100, 100, none, "max_completion_tokens", "messages")
+    assert info.value.param == "messages"
+
+
+def test_resolve_max_tokens_within_the_limits() -> None:
+    limits = Limits(max_prompt_tokens=96, max_output_tokens=8)
+    assert convert.resolve_max_tokens(None, 10, 100, limits, "max_tokens") == 8  # the default
+    assert convert.resolve_max_tokens(None, 95, 100, limits, "max_tokens") == 5  # the context
+    assert convert.resolve_max_tokens(8, 10, 100, limits, "max_tokens") == 8
+    with pytest.raises(InvalidRequest, match="must be <= 8") as info:
+        convert.resolve_max_tokens(9, 10, 100, limits, "max_completion_tokens")
+    assert info.value.param == "max_completion_tokens"
+    with pytest.raises(InvalidRequest, match="at most 96") as info:
+        convert.resolve_max_tokens(1, 97, 100, limits, "max_tokens", "messages")
     assert info.value.param == "messages"
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from proto import tandem_pb2 as pb
+from router.admission import Slot
 from router.config import Mode
 from router.convert import Delta, FinishReason, TokenLogprob, Usage
 from router.logprobs import TokenStrings
@@ -26,7 +27,7 @@ def make_plan(endpoint: Endpoint, n: int = 1, logprobs: bool = False, usage: boo
         Choice(i, 0, f"r-{i}", [1, 2, 3], pb.SamplingParams(), DECISION) for i in range(n)
     )
     return Plan(endpoint, 'id-"x"', 123, 'm"odel', choices, (3,), True, usage, logprobs,
-                Timing(0.0))  # fmt: skip
+                Timing(0.0), Slot())  # fmt: skip
 
 
 def parse(data: bytes) -> list[dict[str, Any]]:

@@ -123,13 +123,15 @@ def test_metrics_are_served_on_a_free_loopback_port() -> None:
 
 def exported_families() -> set[str]:
     """Every metric family of the router and of a worker, as Prometheus names them."""
+    from router.admission import Admission
     from router.config import RouterConfig
     from router.metrics import RouterMetrics
     from router.registry import WorkerRegistry
 
     config = RouterConfig(Path("."), "m", (), slo_ttft_s=1.0, slo_itl_s=0.1)
     workers = WorkerRegistry((), rpc_timeout_s=1, load_interval_s=1, health_interval_s=1)
-    texts = [RouterMetrics(workers, config).render(), WorkerMetrics(LABELS, Load).render()]
+    router = RouterMetrics(workers, config, Admission(config.admission))
+    texts = [router.render(), WorkerMetrics(LABELS, Load).render()]
     names = set()
     for text in texts:
         for family in text_string_to_metric_families(text.decode()):
