@@ -33,6 +33,7 @@ class EngineArgs:
     # two OpenMP threads on two shared cores stall whenever either is descheduled, see
     # docs/benchmarks.md), on CUDA 1 (the GPU does the work)
     num_threads: int | None = None
+    enforce_eager: bool = False  # CUDA: run decode steps without CUDA graphs
 
     def resolve(self) -> EngineConfig:
         model_dir = Path(self.model).expanduser()
@@ -67,6 +68,7 @@ class EngineArgs:
             enable_prefix_caching=self.enable_prefix_caching,
             seed=self.seed,
             num_threads=self.num_threads or (max(1, (os.cpu_count() or 1) - 1)),
+            enforce_eager=self.enforce_eager,
         )
 
 
@@ -86,6 +88,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--num-threads", type=int, default=None, help="torch threads (default: CPU cores - 1)"
     )
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
     p.add_argument("--engine-seed", type=int, default=0, help="dummy weights and unseeded sampling")
 
 
@@ -104,4 +107,5 @@ def engine_args_from(ns: argparse.Namespace, model_dir: str) -> EngineArgs:
         enable_prefix_caching=not ns.no_prefix_caching,
         seed=ns.engine_seed,
         num_threads=ns.num_threads,
+        enforce_eager=ns.enforce_eager,
     )

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.gpu_attention import GpuAttentionMetadata, attend
+
 
 @dataclass(frozen=True, slots=True)
 class PrefillSpan:
@@ -54,12 +56,14 @@ def paged_attention(
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    meta: AttentionMetadata,
+    meta: AttentionMetadata | GpuAttentionMetadata,
 ) -> torch.Tensor:
     """q [N, Hq, D], k/v [N, Hk, D] for the step's new tokens -> output [N, Hq, D].
 
     Mutates k_cache / v_cache (the new tokens' slots) and nothing else.
     """
+    if isinstance(meta, GpuAttentionMetadata):  # CUDA: Triton kernels on the pool in place
+        return attend(q, k, v, k_cache, v_cache, meta)
     k_cache[meta.slot_blocks, meta.slot_offsets] = k
     v_cache[meta.slot_blocks, meta.slot_offsets] = v
     out = torch.empty_like(q)

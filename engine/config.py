@@ -121,6 +121,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # dummy weights and unseeded sampling
     num_threads: int = 1  # torch intra-op threads for the forward pass (CPU device)
+    enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

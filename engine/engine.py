@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from engine.block_manager import BlockAccountingError, BlockCounts, BlockManager
 from engine.config import EngineConfig
+from engine.gpu_runner import GpuModelRunner
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput
 from engine.plan import StepResult, TokenLogprob
@@ -23,7 +24,8 @@ class Engine:
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(config, tokenizer.vocab_size if tokenizer is not None else None)
+        runner_cls = GpuModelRunner if config.device.startswith("cuda") else ModelRunner
+        self.runner = runner_cls(config, tokenizer.vocab_size if tokenizer is not None else None)
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, config.enable_prefix_caching
         )

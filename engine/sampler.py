@@ -48,7 +48,9 @@ class Sampler:
         greedy = [i for i, r in enumerate(rows) if r.sampling.greedy]
         random = [i for i, r in enumerate(rows) if not r.sampling.greedy]
         next_ids = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        if greedy:
+        if len(greedy) == len(rows):  # no index tensor: its host->device copy would sync
+            next_ids = logits.argmax(dim=-1)
+        elif greedy:
             idx = torch.tensor(greedy, device=logits.device)
             next_ids[idx] = logits[idx].argmax(dim=-1)
         if random:

@@ -12,6 +12,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
+from engine.gpu_attention import GpuAttentionMetadata
 from engine.kv_cache import KVCache
 from engine.layers import RMSNorm, RotaryEmbedding
 
@@ -38,7 +39,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
-        meta: AttentionMetadata,
+        meta: AttentionMetadata | GpuAttentionMetadata,
         kv: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         n = x.shape[0]
@@ -76,7 +77,7 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
-        meta: AttentionMetadata,
+        meta: AttentionMetadata | GpuAttentionMetadata,
         kv: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, meta, kv)
@@ -99,7 +100,7 @@ class CausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        meta: AttentionMetadata,
+        meta: AttentionMetadata | GpuAttentionMetadata,
         kv_cache: KVCache,
     ) -> torch.Tensor:
         """input_ids, positions: [N] -> final hidden states [N, hidden]."""

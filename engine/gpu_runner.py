@@ -1,0 +1,168 @@
+"""GpuModelRunner: the ModelRunner for CUDA devices (Triton paged attention, CUDA graphs).
+
+Same contract as ModelRunner (StepPlan in, StepResult out); only how inputs reach the GPU and
+how the forward runs differ:
+  - inputs are built on the host, pinned, and copied with non_blocking=True: the step's only
+    host sync is the sampler's read of the sampled token ids;
+  - decode-only steps of <= max_num_seqs rows replay a CUDA graph (engine/cuda_graphs.py);
+    steps with prefill chunks run eagerly (their time is in the GEMMs, not in launches).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs, DecodeInputs
+from engine.gpu_attention import PREFILL_BLOCK_M, GpuAttentionMetadata, decode_num_splits
+from engine.model_runner import ModelRunner
+from engine.plan import ScheduledRow, StepPlan, StepResult
+
+
+def _pinned(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a).pin_memory()
+
+
+class GpuModelRunner(ModelRunner):
+    def __init__(self, config: EngineConfig, num_valid_tokens: int | None = None) -> None:
+        super().__init__(config, num_valid_tokens)
+        if self.device.type != "cuda":
+            raise ValueError(f"GpuModelRunner needs a CUDA device, got {self.device}")
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self.max_blocks = -(-config.max_model_len // config.block_size)
+        self.graphs: DecodeGraphs | None = None
+        if not config.enforce_eager:
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_cache, config.max_num_seqs, self.max_blocks, self.num_sms
+            )
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        rows = plan.rows
+        sample_idx = [i for i, r in enumerate(rows) if r.sample]
+        graphs = self.graphs
+        if (
+            graphs is not None
+            and len(rows) <= graphs.max_batch
+            and all(r.num_new_tokens == 1 for r in rows)
+        ):
+            logits = graphs.run(self._decode_inputs(rows, graphs.bucket_for(len(rows))))
+            if not sample_idx:
+                return StepResult({}, {})
+            logits = logits[: len(rows)]
+            if len(sample_idx) != len(rows):
+                logits = logits[torch.tensor(sample_idx, device=self.device)]
+        else:
+            input_ids, positions, meta, flat_sample_idx = self._prepare_eager(rows)
+            hidden = self.model(input_ids, positions, meta, self.kv_cache)
+            if not sample_idx:
+                return StepResult({}, {})
+            logits = self.model.compute_logits(hidden[flat_sample_idx])
+        sampling_rows = [rows[i] for i in sample_idx]
+        token_ids, logprobs = self.sampler(logits, sampling_rows)
+        return StepResult(
+            {r.request_id: t for r, t in zip(sampling_rows, token_ids, strict=True)},
+            {r.request_id: lp for r, lp in zip(sampling_rows, logprobs, strict=True) if lp},
+        )
+
+    # ---- decode steps (CUDA graph) ---------------------------------------------------------
+    def _decode_inputs(self, rows: tuple[ScheduledRow, ...], bucket: int) -> DecodeInputs:
+        bs = self.config.block_size
+        n = len(rows)
+        ids = np.zeros(bucket, dtype=np.int64)
+        pos = np.zeros(bucket, dtype=np.int64)
+        slots = np.full(bucket, -1, dtype=np.int64)
+        lens = np.zeros(bucket, dtype=np.int32)
+        tables = np.zeros((bucket, self.max_blocks), dtype=np.int32)
+        for i, r in enumerate(rows):
+            p = r.num_computed_tokens
+            ids[i] = r.token_ids[0]
+            pos[i] = p
+            slots[i] = r.block_table[p // bs] * bs + p % bs
+            lens[i] = p + 1
+            tables[i, : len(r.block_table)] = r.block_table
+        assert n <= bucket
+        return DecodeInputs(
+            bucket, _pinned(ids), _pinned(pos), _pinned(slots), _pinned(tables), _pinned(lens)
+        )
+
+    # ---- mixed / prefill steps (eager) -----------------------------------------------------
+    def _prepare_eager(
+        self, rows: tuple[ScheduledRow, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, GpuAttentionMetadata, torch.Tensor]:
+        bs = self.config.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        sample_idx: list[int] = []
+        dec_tables: list[tuple[int, ...]] = []
+        dec_lens: list[int] = []
+        pre_tables: list[tuple[int, ...]] = []
+        q_start: list[int] = []
+        q_len: list[int] = []
+        computed: list[int] = []
+        tile_seq: list[int] = []
+        tile_q0: list[int] = []
+        for row in rows:
+            start, n, first = len(ids), row.num_new_tokens, row.num_computed_tokens
+            ids.extend(row.token_ids)
+            pos.extend(range(first, first + n))
+            table = row.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(first, first + n))
+            if row.sample:
+                sample_idx.append(start + n - 1)
+            if n == 1:
+                if q_start:
+                    raise ValueError("StepPlan rows must list decode rows before prefill rows")
+                dec_tables.append(table)
+                dec_lens.append(first + 1)
+            else:
+                p_idx = len(q_start)
+                q_start.append(start)
+                q_len.append(n)
+                computed.append(first)
+                pre_tables.append(table[: -(-(first + n) // bs)])
+                for q0 in range(0, n, PREFILL_BLOCK_M):
+                    tile_seq.append(p_idx)
+                    tile_q0.append(q0)
+        dev = self.device
+
+        def to_dev(a: np.ndarray) -> torch.Tensor:
+            return _pinned(a).to(dev, non_blocking=True)
+
+        def i32(values: list[int]) -> torch.Tensor:
+            return to_dev(np.asarray(values, dtype=np.int32))
+
+        nd = len(dec_lens)
+        meta = GpuAttentionMetadata(
+            slot_mapping=to_dev(np.asarray(slots, dtype=np.int64)),
+            num_decodes=nd,
+            decode_block_tables=to_dev(_pad(dec_tables)),
+            decode_context_lens=i32(dec_lens),
+            decode_num_splits=decode_num_splits(
+                max(nd, 1), self.kv_cache.layout.num_kv_heads, self.num_sms
+            ),
+            prefill_tile_seq=i32(tile_seq),
+            prefill_tile_q0=i32(tile_q0),
+            prefill_q_start=i32(q_start),
+            prefill_q_len=i32(q_len),
+            prefill_num_computed=i32(computed),
+            prefill_block_tables=to_dev(_pad(pre_tables)),
+        )
+        return (
+            to_dev(np.asarray(ids, dtype=np.int64)),
+            to_dev(np.asarray(pos, dtype=np.int64)),
+            meta,
+            to_dev(np.asarray(sample_idx, dtype=np.int64)),
+        )
+
+
+def _pad(tables: list[tuple[int, ...]]) -> np.ndarray:
+    """Block tables -> [len(tables), max width] int32, padded with block 0 (never read: the
+    kernels stop at each row's context length)."""
+    width = max((len(t) for t in tables), default=1)
+    out = np.zeros((len(tables), width), dtype=np.int32)
+    for i, t in enumerate(tables):
+        out[i, : len(t)] = t
+    return out
