@@ -174,12 +174,13 @@ def run(model_dir: Path, dtype_name: str) -> dict[str, Any]:
         dec_total += len(p)
     # greedy text: chat prompts
     prompts = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": c}], add_generation_prompt=True, tokenize=True
-        )
+        tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False
+            )
+        )["input_ids"]
         for c in CHATS
     ]
-    prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
     params = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True)
     mine = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
     theirs = []
