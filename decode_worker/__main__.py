@@ -20,6 +20,7 @@ from kv_transfer import registry
 from proto import tandem_pb2_grpc as pb_grpc
 from runtime import worker_rpc
 from runtime.grpc_server import new_server, serve_until_signalled
+from runtime.tls import add_tls_args, tls_from_args
 from runtime.tokenizer import Tokenizer
 from runtime.worker_metrics import WorkerLabels, WorkerMetrics
 
@@ -38,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--metrics-port", type=int, default=0,
         help="Prometheus /metrics on --host (0: any free port; reported by Health)",
     )  # fmt: skip
+    add_tls_args(p)
     return p.parse_args(argv)
 
 
@@ -45,6 +47,10 @@ async def amain(ns: argparse.Namespace) -> None:
     if ns.model is None:
         raise SystemExit("decode_worker: --model is required")
     config = engine_args_from(ns, ns.model).resolve()
+    try:
+        tls = tls_from_args(ns.grpc_tls_cert, ns.grpc_tls_key, ns.grpc_tls_ca)
+    except ValueError as exc:
+        raise SystemExit(f"{ns.worker_id}: {exc}") from exc
     tokenizer = Tokenizer.from_dir(config.model_dir)
     loop = asyncio.get_running_loop()
     core = Engine(config, tokenizer)
@@ -70,7 +76,9 @@ async def amain(ns: argparse.Namespace) -> None:
         metrics_address=metrics_server.address,
     )
     server = new_server()
-    servicer = MeteredDecodeServicer(identity, engine, sink, metrics, lease_s=ns.kv_lease_s)
+    servicer = MeteredDecodeServicer(
+        identity, engine, sink, metrics, lease_s=ns.kv_lease_s, tls=tls
+    )
     pb_grpc.add_DecodeWorkerServicer_to_server(servicer, server)
 
     async def stop() -> None:
@@ -79,7 +87,7 @@ async def amain(ns: argparse.Namespace) -> None:
         engine.shutdown()
         metrics_server.close()
 
-    await serve_until_signalled(server, ns.host, ns.port, ns.worker_id, on_stop=stop)
+    await serve_until_signalled(server, ns.host, ns.port, ns.worker_id, on_stop=stop, tls=tls)
 
 
 def main(argv: list[str] | None = None) -> None:

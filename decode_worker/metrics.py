@@ -18,6 +18,7 @@ from kv_transfer.base import KVHandle, KVLanded, KVLost, KVReleased, KVSink
 from kv_transfer.endpoint_thread import SinkThread
 from proto import tandem_pb2 as pb
 from runtime import worker_rpc
+from runtime.tls import TlsFiles
 from runtime.worker_metrics import WorkerMetrics, outcome_of
 
 __all__ = ["MeteredDecodeServicer", "MeteredSink"]
@@ -77,8 +78,9 @@ class MeteredDecodeServicer(DecodeServicer):
         sink: SinkThread | None,
         metrics: WorkerMetrics,
         lease_s: float = 30.0,
+        tls: TlsFiles | None = None,
     ) -> None:
-        super().__init__(identity, engine, sink, lease_s=lease_s)
+        super().__init__(identity, engine, sink, lease_s=lease_s, tls=tls)
         self.metrics = metrics
 
     async def Generate(

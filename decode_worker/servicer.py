@@ -31,6 +31,8 @@ from kv_transfer.endpoint_thread import SinkThread
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
 from runtime import worker_rpc
+from runtime.grpc_server import GRPC_OPTIONS
+from runtime.tls import TlsFiles, open_channel
 from runtime.wire import FINISH_REASONS, logprob_to_proto, sampling_kwargs
 
 log = logging.getLogger(__name__)
@@ -45,15 +47,17 @@ class RemotePrefillFailed(RuntimeError):
 
 
 class PrefillClients:
-    """One gRPC channel per prefill worker address, opened on first use."""
+    """One gRPC channel per prefill worker address, opened on first use (TLS when the worker
+    was given --grpc-tls-* files: the prefill workers serve with the same ones)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: TlsFiles | None = None) -> None:
+        self._tls = tls
         self._stubs: dict[str, pb_grpc.PrefillWorkerStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
     def stub(self, address: str) -> pb_grpc.PrefillWorkerStub:
         if address not in self._stubs:
-            channel = grpc.aio.insecure_channel(address)
+            channel = open_channel(address, self._tls, GRPC_OPTIONS)
             self._channels.append(channel)
             self._stubs[address] = pb_grpc.PrefillWorkerStub(channel)
         return self._stubs[address]
@@ -70,12 +74,13 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         engine: AsyncEngine,
         sink: SinkThread | None,
         lease_s: float = 30.0,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.identity = identity
         self.engine = engine
         self.sink = sink
         self.lease_s = lease_s  # how long reserved blocks wait for the prefill worker's KV
-        self.prefill_clients = PrefillClients()
+        self.prefill_clients = PrefillClients(tls)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext

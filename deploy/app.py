@@ -41,6 +41,7 @@ class ServeConfig:
     worker_args: tuple[str, ...] = ()  # engine flags for every worker
     router_args: tuple[str, ...] = ()
     admin_key: str | None = field(default=None, repr=False)
+    api_key: str | None = field(default=None, repr=False)  # of the router's /v1/*
     env: Mapping[str, str] = field(default_factory=dict)  # for every process
     start_timeout_s: float = 300.0
 
@@ -59,6 +60,8 @@ def router_spec(config: ServeConfig) -> ProcessSpec:
     env = dict(config.env)
     if config.admin_key:
         env["TANDEM_ADMIN_KEY"] = config.admin_key  # not on the command line (ps shows it)
+    if config.api_key:
+        env["TANDEM_API_KEY"] = config.api_key
     return ProcessSpec(
         name="router",
         module="router",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.args import add_engine_args
+from runtime.tls import add_tls_args
 
 if TYPE_CHECKING:
     from deploy.admin_client import AdminClient
@@ -40,6 +41,24 @@ def add_parsers(sub: Any, model_dir: Any) -> None:
     )  # fmt: skip
     serve.add_argument("--admin-key", default=os.environ.get("TANDEM_ADMIN_KEY"),
                        help=ADMIN_KEY_HELP)  # fmt: skip
+    serve.add_argument(
+        "--api-key", default=os.environ.get("TANDEM_API_KEY"),
+        help="bearer token of the router's /v1/* (default: $TANDEM_API_KEY; unset: no auth)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-inflight-per-worker", type=int, default=None,
+        help="router: choices per decode worker before it sheds with 503 (default: 2 x "
+        "--max-num-seqs)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-output-tokens", type=int, default=None,
+        help="router: max_tokens ceiling and default (default: the context length)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--request-timeout-s", type=float, default=None,
+        help="router: requests running longer end with 504 (default: the router's, 600)",
+    )  # fmt: skip
+    add_tls_args(serve.add_argument_group("TLS of every gRPC server and channel"))
     serve.add_argument(
         "--worker-host", default=None,
         help="workers' bind address (default: their node's address; 127.0.0.1 locally)",
@@ -126,6 +145,27 @@ def _worker_args(args: argparse.Namespace) -> tuple[str, ...]:
         out += ["--num-blocks", str(args.num_blocks)]
     if args.no_prefix_caching:
         out.append("--no-prefix-caching")
+    return tuple(out) + _tls_args(args)
+
+
+def _tls_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """--grpc-tls-* as absolute paths (every process gets the same files)."""
+    out: list[str] = []
+    for flag in ("cert", "key", "ca"):
+        path = getattr(args, f"grpc_tls_{flag}")
+        if path is not None:
+            out += [f"--grpc-tls-{flag}", str(Path(path).resolve())]
+    return tuple(out)
+
+
+def _router_args(args: argparse.Namespace) -> tuple[str, ...]:
+    out = list(_tls_args(args))
+    if args.max_inflight_per_worker is not None:
+        out += ["--max-inflight-per-worker", str(args.max_inflight_per_worker)]
+    if args.max_output_tokens is not None:
+        out += ["--max-output-tokens", str(args.max_output_tokens)]
+    if args.request_timeout_s is not None:
+        out += ["--request-timeout-s", str(args.request_timeout_s)]
     return tuple(out)
 
 
@@ -148,7 +188,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         worker_host=args.worker_host,
         worker_args=_worker_args(args),
+        router_args=_router_args(args),
         admin_key=args.admin_key or None,
+        api_key=args.api_key or None,
         env=env,
         start_timeout_s=args.start_timeout_s,
     )

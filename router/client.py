@@ -12,7 +12,7 @@ from typing import Any
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc
 from router.config import Role, WorkerAddress
-from runtime.grpc_server import MAX_MESSAGE_BYTES
+from runtime.grpc_server import GRPC_OPTIONS
 from runtime.tls import TlsFiles, open_channel
 
 _CHANNEL_OPTIONS = [
@@ -20,8 +20,7 @@ _CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    *GRPC_OPTIONS,
 ]
 
 

@@ -9,18 +9,21 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-# Generous but bounded: prompts of 128K token ids are ~0.6 MB of varints.
+from runtime.tls import TlsFiles
+
+# Generous but bounded, both ways, on every server and channel: a prompt of 128K token ids is
+# ~0.6 MB of varints. A bigger message is refused by gRPC itself with RESOURCE_EXHAUSTED
+# before any handler sees it; an unparsable one gets UNKNOWN "Exception deserializing request!"
+# (grpcio's answer, also before any handler; tests/integration/test_grpc_edge.py).
 MAX_MESSAGE_BYTES = 64 << 20
+GRPC_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
 
 
 def new_server() -> grpc.aio.Server:
-    return grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ]
-    )
+    return grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
 
 
 async def serve_until_signalled(
@@ -30,10 +33,15 @@ async def serve_until_signalled(
     worker_id: str,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     grace_s: float = 5.0,
+    tls: TlsFiles | None = None,
 ) -> None:
-    """Bind host:port (port 0: any free port), print `READY <worker_id> <host:port>` on stdout
-    (launchers wait for that line) and serve until SIGTERM or SIGINT."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+    """Bind host:port (port 0: any free port; TLS with `tls`), print `READY <worker_id>
+    <host:port>` on stdout (launchers wait for that line) and serve until SIGTERM or SIGINT."""
+    address = f"{host}:{port}"
+    if tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, tls.server_credentials())
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()
