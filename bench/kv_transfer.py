@@ -88,10 +88,12 @@ def _child(
         raw[:, :8] = torch.randint(0, 256, (raw.shape[0], 8), device=dev, dtype=torch.uint8)
     else:
         raw.fill_(0)
-    if "tuning" in options:  # nixl: NixlTuning's fields as a plain dict (picklable)
-        from kv_transfer.nixl import NixlTuning
+    if "tuning" in options:  # nixl: overrides of the pool memory's default NixlTuning
+        from kv_transfer.nixl import default_tuning
 
-        options = {**options, "tuning": NixlTuning(**options["tuning"])}
+        memory = "VRAM" if kv.pool.is_cuda else "DRAM"
+        tuning = dataclasses.replace(default_tuning(memory), **options["tuning"])
+        options = {**options, "tuning": tuning}
     factory = registry.make_sink if role == "sink" else registry.make_source
     endpoint: Any = factory(backend, kv, **options)
     posts: dict[int, tuple[float, float]] = {}  # generation -> (post() called, post() returned)
@@ -106,6 +108,16 @@ def _child(
             return op
 
         transport.post = timed_post
+    claims: dict[int, float] = {}  # generation -> when the sink granted it
+    ledger = getattr(endpoint, "_ledger", None)
+    if role == "sink" and ledger is not None:
+        claim = ledger.claim
+
+        def timed_claim(generation: int, *args: Any) -> Any:
+            claims[generation] = time.monotonic()
+            return claim(generation, *args)
+
+        ledger.claim = timed_claim
     pending: dict[str, dict[str, Any]] = {}  # tid -> what to do / what happened
     results: dict[str, dict[str, Any]] = {}
 
@@ -129,6 +141,7 @@ def _child(
                 "ok": ok,
                 "what": err,
                 "t_post": t_post,
+                "t_claim": claims.pop(ev.generation, 0.0),
             }
 
     def handle(cmd: dict[str, Any]) -> dict[str, Any]:
@@ -241,6 +254,7 @@ class Row:
     num_descriptors: int
     latency_ms: list[float]
     source_done_ms: list[float]
+    claim_seen_ms: list[float]
     post_called_ms: list[float]
     post_returned_ms: list[float]
     verified: bool
@@ -258,6 +272,7 @@ class Row:
             "latency_ms": {"min": lat[0], "median": med, "max": lat[-1]},
             "bandwidth_gib_s": {"median": gib / (med / 1e3), "best": gib / (lat[0] / 1e3)},
             "source_done_ms_median": statistics.median(self.source_done_ms),
+            "claim_seen_ms_median": statistics.median(self.claim_seen_ms),
             "post_called_ms_median": statistics.median(self.post_called_ms),
             "post_returned_ms_median": statistics.median(self.post_returned_ms),
             "verified_byte_for_byte": self.verified,
@@ -282,6 +297,7 @@ def _one(
     return {  # ms after send(): landed at the sink, write over at the source, post() called
         "landed": (landed["t"] - t_send) * 1e3,  # and returned (claim round trip, post cost)
         "done": (done["t"] - t_send) * 1e3,
+        "claim_seen": (landed["t_claim"] - t_send) * 1e3 if landed["t_claim"] else float("nan"),
         "post_called": (p0 - t_send) * 1e3 if p0 else float("nan"),
         "post_returned": (p1 - t_send) * 1e3 if p1 else float("nan"),
     }
@@ -300,19 +316,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cuda:1" if args.device == "cuda" and _gpus() > 1 else source_dev
     )
     options: dict[str, Any] = {}
-    if args.backend == "nixl" and (
-        args.progress_interval_us is not None or args.nixl_threads is not None
-    ):  # else the backend's default for the pool's memory
-        from kv_transfer.nixl import NixlTuning
-
-        tuning = NixlTuning()
-        options["tuning"] = {
-            "num_threads": tuning.num_threads if args.nixl_threads is None else args.nixl_threads,
-            "split_batch_size": args.nixl_split or tuning.split_batch_size,
-            "progress_interval_s": tuning.progress_interval_s
-            if args.progress_interval_us is None
-            else args.progress_interval_us * 1e-6,
-        }
+    overrides = {  # of the nixl backend's default tuning for the pool's memory
+        "num_threads": args.nixl_threads,
+        "split_batch_size": args.nixl_split,
+        "progress_interval_s": None
+        if args.progress_interval_us is None
+        else args.progress_interval_us * 1e-6,
+        "sgl": None if args.nixl_sgl is None else bool(args.nixl_sgl),
+    }
+    if args.backend == "nixl":
+        options["tuning"] = {k: v for k, v in overrides.items() if v is not None}
     sink = _Peer("sink", args.backend, layout, sink_dev, options)
     source = _Peer("source", args.backend, layout, source_dev, options)
     rng = np.random.default_rng(args.seed)
@@ -323,7 +336,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for mode in modes:
             for n_tokens in tokens:
                 n = math.ceil(n_tokens / block_size)
-                row = Row(mode, n_tokens, n, 0, 0, [], [], [], [], False)
+                row = Row(mode, n_tokens, n, 0, 0, [], [], [], [], [], False)
                 for rep in range(1 + args.repeat):
                     src = _pick(rng, scatter_blocks, n, args.block_runs)
                     dst = _pick(rng, scatter_blocks, n, args.block_runs)
@@ -338,6 +351,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         continue
                     row.latency_ms.append(times["landed"])
                     row.source_done_ms.append(times["done"])
+                    row.claim_seen_ms.append(times["claim_seen"])
                     row.post_called_ms.append(times["post_called"])
                     row.post_returned_ms.append(times["post_returned"])
                 from kv_transfer.transport import paired_runs
@@ -358,7 +372,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "source_device": source_dev,
         "sink_device": sink_dev,
         "scatter": _scatter_text(args.block_runs),
-        "nixl_tuning": options.get("tuning", "backend default"),
+        "nixl_tuning_overrides": options.get("tuning", {}),
         "ucx_env": {k: v for k, v in os.environ.items() if k.startswith(("UCX_", "NIXL_"))},
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus",
         "date": datetime.date.today().isoformat(),
@@ -403,7 +417,8 @@ def _line(r: dict[str, Any]) -> str:
         f"{r['mode']:>6} {r['tokens']:>6} tok {r['bytes'] / 2**20:8.1f} MiB "
         f"{r['descriptors']:>5} desc  latency median {r['latency_ms']['median']:8.2f} ms "
         f"(min {r['latency_ms']['min']:.2f})  {r['bandwidth_gib_s']['median']:6.2f} GiB/s "
-        f"(best {r['bandwidth_gib_s']['best']:.2f})  post called/returned "
+        f"(best {r['bandwidth_gib_s']['best']:.2f})  claim seen {r['claim_seen_ms_median']:.2f}, "
+        f"post called/returned "
         f"{r['post_called_ms_median']:.2f}/{r['post_returned_ms_median']:.2f} ms, source done "
         f"{r['source_done_ms_median']:.2f} ms  verified={r['verified_byte_for_byte']}"
     )
@@ -429,13 +444,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--progress-interval-us", type=float, default=None, help="nixl progress tick (default 200)"
+        "--progress-interval-us",
+        type=float,
+        default=None,
+        help="nixl progress tick (default: 200 DRAM, 20 VRAM)",
     )
     p.add_argument(
         "--nixl-threads", type=int, default=None, help="NIXL UCX thread pool size (0: none)"
     )
     p.add_argument(
         "--nixl-split", type=int, default=None, help="split a WRITE of >= this many descriptors"
+    )
+    p.add_argument(
+        "--nixl-sgl", type=int, choices=[0, 1], default=None, help="UCX scatter-gather offload"
     )
     p.add_argument(
         "--block-runs",

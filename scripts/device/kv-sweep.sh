@@ -22,31 +22,34 @@ run() {  # name, env assignments ("-" for none), bench flags
 import json, sys
 r = json.load(open(sys.argv[3]))
 for row in r["results"]:
-    print(json.dumps({"name": sys.argv[1], "env": sys.argv[2], "tuning": r["nixl_tuning"],
+    print(json.dumps({"name": sys.argv[1], "env": sys.argv[2], "tuning": r["nixl_tuning_overrides"],
                       "scatter": r["scatter"], **row}))
 PY
+  [ "$name" = accept ] && cp "$OUT/_one.json" "$OUT/accept.json"
 }
+# The first sweep (docs/benchmarks.md, "GPU: what moves the KV fastest") ran, with the defaults
+# of then (no SGL, 0.2 ms tick) and --tokens 3000,8000 --repeat 10: base; tick20 ($T20);
+# t2/t4/t8 ($T20 --nixl-threads N --nixl-split 16/16/8); t4-proto-v1 (UCX_PROTO_ENABLE=n);
+# sgl (NIXL_UCX_SGL_ENABLE=1 $T20); runs8 ($T20 --block-runs 8); runs8-t4; contiguous
+# ($T20 --block-runs 0). Now: the acceptance run with today's defaults, and what is left to try.
 if [ -n "${KV_SWEEP_RUNS:-}" ]; then eval "$KV_SWEEP_RUNS"; else
 S="--tokens 3000,8000 --repeat 10"
-run base - $S
-run tick20 - $S $T20
-run t2 - $S $T20 --nixl-threads 2 --nixl-split 16
-run t4 - $S $T20 --nixl-threads 4 --nixl-split 16
-run t8 - $S $T20 --nixl-threads 8 --nixl-split 8
-run t4-proto-v1 UCX_PROTO_ENABLE=n $S $T20 --nixl-threads 4 --nixl-split 16
-run sgl NIXL_UCX_SGL_ENABLE=1 $S $T20
-run runs8 - $S $T20 --block-runs 8
-run runs8-t4 - $S $T20 --block-runs 8 --nixl-threads 4 --nixl-split 4
-run contiguous - $S $T20 --block-runs 0
+run accept - --tokens 1000,3000,8000,32000 --repeat 10
+run runs8 - $S --block-runs 8
+run contiguous - $S --block-runs 0
+run no-sgl - --tokens 3000 --repeat 10 --nixl-sgl 0
+run sgl-tick200 - --tokens 3000 --repeat 10 --progress-interval-us 200
+run sgl-t4 - $S --nixl-threads 4 --nixl-split 16
 fi
-echo "== summary (median latency ms, GiB/s; post called/returned ms after send(); source done ms)" >>"$LOG"
+echo "== summary (median latency ms, GiB/s; claim seen by the sink, post called/returned, source done: ms after send())" >>"$LOG"
 python3 - "$OUT/sweep.jsonl" >>"$LOG" 2>&1 <<'PY'
 import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
     print(f"{r['name']:>14} {r['tokens']:>6} tok {r['descriptors']:>4} desc  "
           f"{r['latency_ms']['median']:6.2f} ms (min {r['latency_ms']['min']:.2f})  "
-          f"{r['bandwidth_gib_s']['median']:6.1f} GiB/s  post {r['post_called_ms_median']:.2f}/"
+          f"{r['bandwidth_gib_s']['median']:6.1f} GiB/s  claim {r['claim_seen_ms_median']:.2f}  "
+          f"post {r['post_called_ms_median']:.2f}/"
           f"{r['post_returned_ms_median']:.2f}  done {r['source_done_ms_median']:.2f}  "
           f"ok={r['verified_byte_for_byte']}")
 PY

@@ -71,7 +71,9 @@ def main() -> None:
             text = httpx.get(f"http://{target}/metrics", timeout=10).text
             print(f"-- {target} {group.get('labels', {})}")
             for line in text.splitlines():
-                if line.startswith("tandem_worker_kv_transfer") and not line.startswith("#"):
+                if line.startswith("tandem_worker_kv_transfer") and not any(
+                    part in line for part in ("_bucket", "_created")
+                ):
                     print("  " + line)
 
 

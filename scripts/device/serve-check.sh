@@ -26,8 +26,8 @@ done
   echo
   timeout 240 python3 scripts/device/serve-check.py http://127.0.0.1:8000 smollm2-135m-instruct
   echo
-  echo "UCX protocol lines naming cuda_ipc (from the workers' UCX_PROTO_INFO):"
-  grep -i "cuda_ipc" "$OUT/serve.log" | sort | uniq -c | sort -rn | head -12
+  echo "UCX's protocol choice for the KV WRITE (the workers' UCX_PROTO_INFO tables):"
+  sed 's/\x1b\[[0-9;]*m//g' "$OUT/serve.log" | grep -B3 "cuda_ipc/cuda" | cut -c1-170 | head -12
 } >"$OUT/serve-check.txt" 2>&1
 kill -INT $PID 2>/dev/null
 for _ in $(seq 30); do kill -0 $PID 2>/dev/null || break; sleep 1; done
