@@ -4,8 +4,9 @@ Each layer first writes the step's new K/V into their slots, then attends:
   - decode rows (1 new token) in one batched SDPA call over their gathered, padded contexts;
   - each prefill chunk on its own: straight over its fresh K/V when it starts at position 0
     (no gather), else over its gathered context [0, num_computed + chunk) with a causal mask.
-Gathering copies a row's blocks into a contiguous tensor: simple and device-neutral; the GPU
-issue replaces this file's internals with kernels that read the pool in place.
+Gathering copies a row's blocks into a contiguous tensor: simple and device-neutral. On CPU in
+float32 the decode rows skip the gather: engine.cpu_kernels reads the pool in place (chosen
+once by the model runner and carried in `AttentionMetadata.decode_kernel`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine import cpu_kernels
 from engine.gpu_attention import GpuAttentionMetadata, attend
 
 
@@ -35,7 +37,11 @@ class AttentionMetadata:
     slot_offsets: torch.Tensor  # [N] long: offset inside that block
     num_decodes: int  # decode rows (1 new token each) are the first num_decodes tokens
     decode_block_tables: torch.Tensor | None  # [Bd, max_blocks] long (padded)
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, max_blocks * block_size] bool
+    decode_seq_lens: torch.Tensor | None  # [Bd] long: context incl. the new token
+    # True: decode rows run engine.cpu_kernels on the pool in place (CPU, float32; mask None);
+    # False: gather + SDPA with decode_mask [Bd, 1, 1, max_blocks * block_size] bool
+    decode_kernel: bool
+    decode_mask: torch.Tensor | None
     prefills: tuple[PrefillSpan, ...]
 
 
@@ -67,7 +73,18 @@ def paged_attention(
     k_cache[meta.slot_blocks, meta.slot_offsets] = k
     v_cache[meta.slot_blocks, meta.slot_offsets] = v
     out = torch.empty_like(q)
-    if meta.num_decodes:
+    if meta.num_decodes and meta.decode_kernel:
+        assert meta.decode_block_tables is not None and meta.decode_seq_lens is not None
+        cpu_kernels.paged_decode_attention(
+            q[: meta.num_decodes],
+            k_cache,
+            v_cache,
+            meta.decode_block_tables,
+            meta.decode_seq_lens,
+            q.shape[-1] ** -0.5,  # SDPA's default scale
+            out=out[: meta.num_decodes],
+        )
+    elif meta.num_decodes:
         assert meta.decode_block_tables is not None and meta.decode_mask is not None
         qd = q[: meta.num_decodes].unsqueeze(2)  # [Bd, Hq, 1, D]
         kd = _gather(k_cache, meta.decode_block_tables)  # [Bd, Hk, T, D]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from engine import cpu_linear
+from engine import cpu_kernels, cpu_linear
 from engine.attention import AttentionMetadata, PrefillSpan
 from engine.config import EngineConfig
 from engine.kv_cache import TORCH_DTYPES, KVCache
@@ -55,6 +55,11 @@ class ModelRunner:
             cpu_linear.pack_linears(self.model)
             if self.model.lm_head is None:  # tied: a packed copy of the embedding for logits
                 self.model.lm_head = cpu_linear.PackedLinear(self.model.embed_tokens.weight, None)
+        # Decode attention: the C kernel on CPU in float32 (built now, so a missing compiler
+        # fails at start); gather + SDPA for every other device/dtype.
+        self.decode_kernel = self.device.type == "cpu" and dtype == torch.float32
+        if self.decode_kernel:
+            cpu_kernels.library()
         self.kv_cache = KVCache(kv_layout_for(config), self.device)
         self.sampler = Sampler(config.model.vocab_size, self.device, config.seed, num_valid_tokens)
 
@@ -109,7 +114,13 @@ class ModelRunner:
             slot_offsets=(pos_t % bs).to(dev),
             num_decodes=len(decode_idx),
             decode_block_tables=_pad_tables(decode_tables, dev) if decode_idx else None,
-            decode_mask=_decode_mask(decode_lens, decode_tables, bs, dev) if decode_idx else None,
+            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.long).to(dev),
+            decode_kernel=self.decode_kernel,
+            decode_mask=(
+                _decode_mask(decode_lens, decode_tables, bs, dev)
+                if decode_idx and not self.decode_kernel
+                else None
+            ),
             prefills=tuple(prefills),
         )
         return (

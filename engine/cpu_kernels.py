@@ -1,0 +1,113 @@
+"""The engine's C kernels for CPU (cpu_kernels.c): built once per process, called via ctypes.
+
+Why C and not torch ops: decode attention over the paged pool in torch needs a gather of every
+row's whole context per layer per step (a copy as large as the KV it reads) followed by a
+padded, masked SDPA; on the dev box that was ~75 % of a 64-row decode step. The kernel reads the
+pool in place. No torch headers are involved, so the build takes about a second with the
+system compiler (`$CC`, else `cc`), into a private temporary directory that is removed once the
+library is loaded (the mapping outlives the file). A missing compiler is a clear error at engine
+start, never a silent switch to another path.
+
+Hazard: ctypes drops the GIL during a call; callers must keep every tensor whose pointer they
+pass alive (and unmodified by other threads) until the call returns.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# -march=native: the library is built on the machine that runs it, every process start
+_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
+
+_i64 = ctypes.c_int64
+_ptr = ctypes.c_void_p
+
+
+class CpuKernelBuildError(RuntimeError):
+    """The C kernels could not be compiled (no compiler, or it failed)."""
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """Compile and load cpu_kernels.c (once per process)."""
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise CpuKernelBuildError(
+            f"the CPU engine compiles its attention kernel with a C compiler, and {cc!r} is not "
+            "on PATH: install gcc (e.g. `apt-get install gcc`) or set CC"
+        )
+    with tempfile.TemporaryDirectory(prefix="tandem-cpu-kernels-") as tmp:
+        target = Path(tmp) / "cpu_kernels.so"
+        proc = subprocess.run(
+            [cc, *_FLAGS, "-o", str(target), str(_SOURCE), "-lm"], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise CpuKernelBuildError(f"{cc} failed on {_SOURCE}:\n{proc.stderr[-4000:]}")
+        lib = ctypes.CDLL(str(target))
+    fn = lib.paged_decode_attention_f32
+    fn.restype = ctypes.c_int
+    fn.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr]
+    fn.argtypes += [_i64, _i64, _i64, _i64, _i64, ctypes.c_float]
+    return lib
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q [B, Hq, D] fp32 (one query token per row); k/v_cache: one layer's views of the pool,
+    [num_blocks, block_size, Hk, D] with contiguous (Hk, D); block_tables [B, W] int64 and
+    seq_lens [B] int64 (context length including the new token) -> out [B, Hq, D], written
+    into `out` when given (contiguous, q's shape)."""
+    B, Hq, D = q.shape
+    _, bs, Hk, Dk = k_cache.shape
+    if Dk != D or Hq % Hk or k_cache.stride() != v_cache.stride():
+        raise ValueError(f"shape mismatch: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}")
+    if k_cache.stride()[2:] != (D, 1):
+        raise ValueError("k/v_cache must have contiguous [Hk, D] per token")
+    for t in (q, k_cache, v_cache):
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError("the CPU decode kernel takes float32 CPU tensors")
+    q = q.contiguous()
+    tables = block_tables.to(torch.int64).contiguous()
+    lens = seq_lens.to(torch.int64).contiguous()
+    if tables.shape[0] != B or lens.shape != (B,):
+        raise ValueError("block_tables and seq_lens need one row per query")
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError("out must be a contiguous float32 tensor shaped like q")
+    rc = library().paged_decode_attention_f32(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        tables.data_ptr(),
+        tables.shape[1],
+        lens.data_ptr(),
+        out.data_ptr(),
+        B,
+        Hq,
+        Hk,
+        D,
+        bs,
+        scale,
+    )
+    if rc != 0:
+        raise MemoryError("paged_decode_attention_f32: scratch allocation failed")
+    return out
