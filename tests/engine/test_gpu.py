@@ -75,6 +75,8 @@ def test_triton_attention_matches_sdpa(dtype: torch.dtype, hq: int, hk: int, d: 
         slot_offsets=torch.tensor([p % BS for p in positions], device="cuda"),
         num_decodes=3,
         decode_block_tables=dec_tables,
+        decode_seq_lens=lens.cuda(),
+        decode_kernel=False,
         decode_mask=dec_mask.cuda(),
         prefills=tuple(spans),
     )
