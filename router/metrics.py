@@ -50,8 +50,15 @@ class RouterMetrics:
         )  # fmt: skip
         self.overhead_s = Histogram(
             "tandem_router_overhead_seconds",
-            "Time spent in the router per request, excluding worker time: arrival to dispatch "
-            "plus the handling of each worker message",
+            "Wall time the router works on a request outside awaiting its workers: arrival to "
+            "its Generate call, plus each worker message from its read to its bytes on the "
+            "client's socket (docs/metrics.md)",
+            buckets=_OVERHEAD_BUCKETS_S, registry=r,
+        )  # fmt: skip
+        self.overhead_cpu_s = Histogram(
+            "tandem_router_overhead_cpu_seconds",
+            "The event-loop thread's CPU time over the same segments as "
+            "tandem_router_overhead_seconds (wall minus CPU: runnable but descheduled)",
             buckets=_OVERHEAD_BUCKETS_S, registry=r,
         )  # fmt: skip
         self.dispatch_s = Histogram(

@@ -12,14 +12,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,14 +39,16 @@ from router.protocol import (
     ModelList,
 )
 from router.registry import WorkerRegistry
-from router.responses import ChoiceOutput, StreamFormatter, error_event, full_response
-from router.serving import Event, Frontend, Plan
+from router.responses import ChoiceOutput, StreamFormatter, full_response
+from router.serving import Event, Frontend, Plan, Timing
+from router.sse import EventStream, aclose, relay
 from runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ROUTE_HEADER = "x-tandem-route"
+TIMING_KEY = "tandem.timing"  # ASGI scope key of the request's Timing
 KNOWN_PATHS = frozenset(
     {
         "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
@@ -105,12 +106,12 @@ def build_app(config: RouterConfig, tokenizer: Tokenizer) -> FastAPI:
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        plan = frontend.plan_completion(body, _arrival_s(request))
+        plan = frontend.plan_completion(body, _timing(request))
         return await _respond(frontend, plan, request)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        plan = frontend.plan_chat(body, _arrival_s(request))
+        plan = frontend.plan_chat(body, _timing(request))
         return await _respond(frontend, plan, request)
 
     @app.get("/v1/models", response_model=ModelList)
@@ -151,10 +152,12 @@ async def _respond(frontend: Frontend, plan: Plan, request: Request) -> Response
         outputs = {c.index: ChoiceOutput() for c in plan.choices}
         try:
             await _until_disconnect(request, _collect(events, outputs, plan))
+            since_s, since_cpu_s = time.perf_counter(), time.thread_time()
+            body = full_response(plan, outputs, frontend.token_strings).model_dump_json()
+            plan.timing.add_segment(since_s, since_cpu_s)
         finally:
             frontend.finish_timing(plan)
-        body = full_response(plan, outputs, frontend.token_strings)
-        return Response(body.model_dump_json(), media_type="application/json", headers=headers)
+        return Response(body, media_type="application/json", headers=headers)
     # The first message is awaited before the headers go out, so a worker that fails at once
     # (unavailable, bad argument) is a proper HTTP status rather than an in-band error.
     try:
@@ -163,8 +166,8 @@ async def _respond(frontend: Frontend, plan: Plan, request: Request) -> Response
         frontend.finish_timing(plan)
         raise
     formatter = StreamFormatter(plan, frontend.token_strings)
-    return _EventStream(
-        _sse(frontend, plan, formatter, first, events),
+    return EventStream(
+        relay(frontend, plan, formatter, first, events),
         on_close=lambda: frontend.finish_timing(plan),
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache"},
@@ -177,40 +180,9 @@ async def _collect(
     try:
         async for event in events:
             outputs[event.choice.index].add(event.delta)
-            plan.timing.overhead_s += time.perf_counter() - event.received_s
+            plan.timing.add_segment(event.received_s, event.received_cpu_s)
     finally:
-        await _aclose(events)
-
-
-async def _sse(
-    frontend: Frontend,
-    plan: Plan,
-    formatter: StreamFormatter,
-    first: Event,
-    events: AsyncIterator[Event],
-) -> AsyncIterator[bytes]:
-    try:
-        yield formatter.start() + formatter.event(first)
-        plan.timing.overhead_s += time.perf_counter() - first.received_s
-        async for event in events:
-            data = formatter.event(event)
-            plan.timing.overhead_s += time.perf_counter() - event.received_s
-            if data:
-                yield data
-        yield formatter.end()
-    except RouterError as exc:
-        log.warning("%s failed mid-stream: %s", plan.request_id, exc.message)
-        yield error_event(exc)
-    finally:
-        frontend.finish_timing(plan)
-        await _aclose(events)
-
-
-async def _aclose(events: AsyncIterator[Event]) -> None:
-    aclose = getattr(events, "aclose", None)
-    if aclose is not None:
-        with contextlib.suppress(Exception):
-            await aclose()
+        await aclose(events)
 
 
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -236,47 +208,14 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-class _EventStream(StreamingResponse):
-    """A StreamingResponse that always watches for the client going away (Starlette only does
-    for ASGI < 2.4) and always closes its body iterator, so worker streams get cancelled.
-    `on_close` runs last, whatever happened: a body iterator that never started (the client
-    left first) runs no `finally` of its own, and the request's admission slot must still be
-    released."""
-
-    def __init__(
-        self, content: AsyncIterator[bytes], on_close: Callable[[], None], **kwargs: Any
-    ) -> None:
-        super().__init__(content, **kwargs)
-        self.on_close = on_close
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            async with anyio.create_task_group() as group:
-
-                async def stream() -> None:
-                    with contextlib.suppress(OSError):
-                        await self.stream_response(send)
-                    group.cancel_scope.cancel()
-
-                group.start_soon(stream)
-                await self.listen_for_disconnect(receive)
-                group.cancel_scope.cancel()
-        finally:
-            iterator = self.body_iterator
-            if hasattr(iterator, "aclose"):
-                with contextlib.suppress(Exception), anyio.CancelScope(shield=True):
-                    await iterator.aclose()
-            self.on_close()
-
-
-def _arrival_s(request: Request) -> float:
-    arrival: float = request.scope.get("tandem_arrival_s", time.perf_counter())
-    return arrival
+def _timing(request: Request) -> Timing:
+    timing: Timing = request.scope[TIMING_KEY]  # set by _Stamp, outermost of the app's own
+    return timing
 
 
 class _Stamp:
-    """Pure ASGI middleware: stamps the arrival time (router overhead starts there) and counts
-    responses by endpoint and status."""
+    """Pure ASGI middleware: stamps the arrival (the request's Timing; overhead starts there)
+    and counts responses by endpoint and status."""
 
     def __init__(self, app: ASGIApp, metrics: RouterMetrics) -> None:
         self.app = app
@@ -286,7 +225,7 @@ class _Stamp:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        scope["tandem_arrival_s"] = time.perf_counter()
+        scope[TIMING_KEY] = Timing.now()
         path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
 
         async def counted_send(message: Message) -> None:

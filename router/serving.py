@@ -6,8 +6,18 @@ The request path, in order (all on the event loop thread):
     collect / stream              one Generate stream per choice, merged by choice index
     _choice_deltas                ticket accounting, metrics, cancel + Abort when cut short
 
-Router overhead (tandem_router_overhead_seconds) = arrival to the first Generate call, plus for
-every worker message the time from its arrival to the moment its output is ready for the client.
+Router overhead (tandem_router_overhead_seconds, docs/metrics.md) is the wall time the router
+works on a request outside awaiting its workers, as a sum of segments that contain no await:
+    dispatch   arrival (the ASGI app gets the parsed request) -> its first Generate call issued
+               (wall: including the one hop through the event loop between planning and the call;
+               CPU: planning, then the call's task from its start)
+    relay      each worker message, from the moment its read returns to the router -> its SSE
+               bytes handed to the client's socket (router/sse.py; non-streamed: accumulated,
+               plus building the final body)
+Not in it: gRPC's own receive path before a read returns, and time a ready message waits for the
+event loop behind other requests' work (both show in TTFT/ITL, not here). The same segments are
+also summed in CPU seconds of the event-loop thread (tandem_router_overhead_cpu_seconds): wall
+minus CPU is the time the router was runnable but descheduled (a loaded machine).
 """
 
 from __future__ import annotations
@@ -67,9 +77,35 @@ class Choice:
 
 @dataclass(slots=True)
 class Timing:
+    """One request's clock; overhead as defined in the module docstring."""
+
     arrival_s: float  # perf_counter at arrival (set by the ASGI stamp)
-    overhead_s: float = 0.0  # router time so far (see module docstring)
+    arrival_cpu_s: float  # time.thread_time() then
+    overhead_s: float = 0.0  # router wall time so far
+    overhead_cpu_s: float = 0.0  # event-loop thread CPU time over the same segments
     first_token_s: float | None = None
+
+    @classmethod
+    def now(cls) -> Timing:
+        return cls(time.perf_counter(), time.thread_time())
+
+    def planned(self) -> None:
+        """Planning (validate, tokenize, route) ends; it ran with no await since arrival."""
+        self.overhead_cpu_s += time.thread_time() - self.arrival_cpu_s
+
+    def dispatched(self, since_cpu_s: float) -> float:
+        """The first Generate call is issued by a task that started at `since_cpu_s`; returns
+        the dispatch wall time (arrival to now), which counts into the overhead."""
+        dispatch_s = time.perf_counter() - self.arrival_s
+        self.overhead_s += dispatch_s
+        self.overhead_cpu_s += time.thread_time() - since_cpu_s
+        return dispatch_s
+
+    def add_segment(self, since_s: float, since_cpu_s: float) -> None:
+        """Router work from a (perf_counter, thread_time) stamp until now, with no await between
+        (so the CPU delta is this request's own)."""
+        self.overhead_s += time.perf_counter() - since_s
+        self.overhead_cpu_s += time.thread_time() - since_cpu_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +136,7 @@ class Event:
     choice: Choice
     delta: Delta
     received_s: float  # perf_counter
+    received_cpu_s: float  # time.thread_time()
 
 
 class Frontend:
@@ -122,17 +159,17 @@ class Frontend:
 
     # ------------------------------------------------------------ planning (no awaits)
 
-    def plan_completion(self, req: CompletionRequest, arrival_s: float) -> Plan:
+    def plan_completion(self, req: CompletionRequest, timing: Timing) -> Plan:
         self._check_model(req.model)
         convert.validate_sampling(req, self.tokenizer.vocab_size)
         convert.validate_completion(req)
         prompts = self._completion_prompts(req.prompt)
         logprobs = req.logprobs
         return self._plan(
-            Endpoint.COMPLETIONS, req, prompts, req.max_tokens, "max_tokens", logprobs, arrival_s
+            Endpoint.COMPLETIONS, req, prompts, req.max_tokens, "max_tokens", logprobs, timing
         )
 
-    def plan_chat(self, req: ChatCompletionRequest, arrival_s: float) -> Plan:
+    def plan_chat(self, req: ChatCompletionRequest, timing: Timing) -> Plan:
         self._check_model(req.model)
         convert.validate_sampling(req, self.tokenizer.vocab_size)
         convert.validate_chat(req)
@@ -149,7 +186,7 @@ class Frontend:
         else:
             max_tokens, param = req.max_tokens, "max_tokens"
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return self._plan(Endpoint.CHAT, req, [ids], max_tokens, param, logprobs, arrival_s)
+        return self._plan(Endpoint.CHAT, req, [ids], max_tokens, param, logprobs, timing)
 
     def _plan(
         self,
@@ -159,7 +196,7 @@ class Frontend:
         max_tokens: int | None,
         max_tokens_param: str,
         logprobs: int | None,
-        arrival_s: float,
+        timing: Timing,
     ) -> Plan:
         max_model_len = self.config.max_model_len or self.registry.max_model_len()
         if max_model_len is None:
@@ -202,6 +239,7 @@ class Frontend:
             self.admission.release(slot)
             raise
         self.metrics.admitted.inc()
+        timing.planned()
         return Plan(
             endpoint=endpoint,
             request_id=request_id,
@@ -212,7 +250,7 @@ class Frontend:
             stream=req.stream,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             logprobs=logprobs is not None,
-            timing=Timing(arrival_s),
+            timing=timing,
             slot=slot,
         )
 
@@ -299,6 +337,7 @@ class Frontend:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _choice_events(self, plan: Plan, choice: Choice) -> AsyncIterator[Event]:
+        start_cpu_s = time.thread_time()
         decision = choice.decision
         client = self.registry.client(decision.decode_worker_id)
         request = convert.generate_request(
@@ -311,11 +350,9 @@ class Frontend:
         )
         ticket = self.registry.begin(choice.request_id, decision, len(choice.prompt_ids))
         timing = plan.timing
-        if choice.index == 0:
-            dispatch_s = time.perf_counter() - timing.arrival_s
-            timing.overhead_s += dispatch_s
-            self.metrics.dispatch_s.observe(dispatch_s)
         call = client.generate(request, timeout_s=self.config.request_timeout_s)
+        if choice.index == 0:
+            self.metrics.dispatch_s.observe(timing.dispatched(start_cpu_s))
         finished = False
         first_token_s: float | None = None  # of this choice
         last_token_s: float | None = None
@@ -323,6 +360,7 @@ class Frontend:
         try:
             async for msg in call:  # waiting here is worker time
                 now = time.perf_counter()
+                now_cpu = time.thread_time()
                 delta = convert.delta_from_proto(msg)
                 self.registry.add_tokens(ticket, len(delta.token_ids))
                 if delta.token_ids:
@@ -339,7 +377,7 @@ class Frontend:
                 if delta.finish_reason is not None:
                     finished = True
                     self._on_finished(delta.finish_reason, delta.usage)
-                yield Event(choice, delta, now)
+                yield Event(choice, delta, now, now_cpu)
                 if finished:
                     return
             raise WorkerFailed(
@@ -391,6 +429,7 @@ class Frontend:
         if not self.admission.release(plan.slot):
             return
         self.metrics.overhead_s.observe(plan.timing.overhead_s)
+        self.metrics.overhead_cpu_s.observe(plan.timing.overhead_cpu_s)
         self.metrics.e2e_s.observe(time.perf_counter() - plan.timing.arrival_s)
 
     async def close(self) -> None:

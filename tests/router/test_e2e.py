@@ -289,11 +289,33 @@ def test_client_disconnect_aborts_the_request_on_the_worker(cluster: LocalCluste
 
 
 def test_router_overhead_is_exported(cluster: LocalCluster) -> None:
-    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 2}
+    """Streamed and not: each request observes its overhead once, in wall and CPU seconds; the
+    CPU time of the same segments never exceeds their wall time, nor does dispatch the whole."""
+    before = _overhead_sums(httpx.get(f"{cluster.url}/metrics").text)
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 4, "ignore_eos": True}
     assert httpx.post(f"{cluster.url}/v1/completions", json=body, timeout=60).status_code == 200
-    metrics = httpx.get(f"{cluster.url}/metrics").text
-    count = re.search(r"tandem_router_overhead_seconds_count (\S+)", metrics)
-    assert count is not None and float(count.group(1)) > 0
+    with httpx.stream(
+        "POST", f"{cluster.url}/v1/completions", json={**body, "stream": True}, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        assert response.read().endswith(b"data: [DONE]\n\n")
+    after = _overhead_sums(httpx.get(f"{cluster.url}/metrics").text)
+    counts = {name: after[name][1] - before[name][1] for name in after}
+    sums = {name: after[name][0] - before[name][0] for name in after}
+    assert counts == {"overhead": 2, "overhead_cpu": 2, "dispatch": 2}, counts
+    assert 0 < sums["overhead_cpu"] <= sums["overhead"]
+    assert 0 < sums["dispatch"] < sums["overhead"]
+
+
+def _overhead_sums(metrics: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the router's overhead histograms."""
+    out = {}
+    for name in ("overhead", "overhead_cpu", "dispatch"):
+        total = re.search(rf"tandem_router_{name}_seconds_sum (\S+)", metrics)
+        count = re.search(rf"tandem_router_{name}_seconds_count (\S+)", metrics)
+        assert total is not None and count is not None, name
+        out[name] = (float(total.group(1)), float(count.group(1)))
+    return out
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ def make_plan(endpoint: Endpoint, n: int = 1, logprobs: bool = False, usage: boo
         Choice(i, 0, f"r-{i}", [1, 2, 3], pb.SamplingParams(), DECISION) for i in range(n)
     )
     return Plan(endpoint, 'id-"x"', 123, 'm"odel', choices, (3,), True, usage, logprobs,
-                Timing(0.0), Slot())  # fmt: skip
+                Timing(0.0, 0.0), Slot())  # fmt: skip
 
 
 def parse(data: bytes) -> list[dict[str, Any]]:
@@ -55,7 +55,7 @@ def test_completion_chunks_validate(strings: TokenStrings, logprobs: bool) -> No
     plan = make_plan(Endpoint.COMPLETIONS, logprobs=logprobs)
     fmt = StreamFormatter(plan, strings)
     assert fmt.start() == b""
-    chunks = [fmt.event(Event(plan.choices[0], d, 0.0)) for d in DELTAS]
+    chunks = [fmt.event(Event(plan.choices[0], d, 0.0, 0.0)) for d in DELTAS]
     assert (chunks[1] == b"") is not logprobs  # an empty text delta is only sent for logprobs
     end = fmt.end()
     assert end.endswith(DONE)
@@ -79,7 +79,7 @@ def test_chat_chunks_validate(strings: TokenStrings) -> None:
     data = fmt.start()
     for choice in plan.choices:
         for d in DELTAS:
-            data += fmt.event(Event(choice, d, 0.0))
+            data += fmt.event(Event(choice, d, 0.0, 0.0))
     data += fmt.end()
     events = parse(data)
     models = [ChatCompletionChunk.model_validate(e) for e in events]
