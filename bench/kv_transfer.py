@@ -96,15 +96,20 @@ def _child(
         options = {**options, "tuning": tuning}
     factory = registry.make_sink if role == "sink" else registry.make_source
     endpoint: Any = factory(backend, kv, **options)
-    posts: dict[int, tuple[float, float]] = {}  # generation -> (post() called, post() returned)
+    # generation -> (post() called, post() returned, in NIXL's initialize_xfer, in transfer())
+    posts: dict[int, tuple[float, float, float, float]] = {}
     transport = getattr(endpoint, "_transport", None)
     if role == "source" and transport is not None:  # time the claim round trip and the post
-        post = transport.post
+        post, spent = transport.post, {"initialize_xfer": 0.0, "transfer": 0.0}
+        nixl = getattr(transport, "_agent", None)
+        for method in spent if nixl is not None else []:
+            setattr(nixl, method, _stopwatch(getattr(nixl, method), spent, method))
 
         def timed_post(agent: str, generation: int, runs: list[Any]) -> object:
             t0 = time.monotonic()
             op = post(agent, generation, runs)
-            posts[generation] = (t0, time.monotonic())
+            t1 = time.monotonic()
+            posts[generation] = (t0, t1, spent["initialize_xfer"], spent["transfer"])
             return op
 
         transport.post = timed_post
@@ -135,7 +140,7 @@ def _child(
                 sync()
             ok = isinstance(ev, KVLanded | SendDone)
             err = str(ev.error) if isinstance(ev, SendFailed) else type(ev).__name__
-            t_post = posts.pop(ev.generation, (0.0, 0.0))
+            t_post = posts.pop(ev.generation, (0.0, 0.0, 0.0, 0.0))
             results[ev.transfer_id] = {
                 "t": time.monotonic(),
                 "ok": ok,
@@ -192,6 +197,19 @@ def _child(
                 return
             conn.send_bytes(msgpack.packb(handle(cmd), use_bin_type=True))
         on_events(endpoint.poll(0.005))
+
+
+def _stopwatch(fn: Any, spent: dict[str, float], key: str) -> Any:
+    """fn, which leaves its last call's duration (seconds) in spent[key]."""
+
+    def timed(*args: Any) -> Any:
+        t = time.monotonic()
+        try:
+            return fn(*args)
+        finally:
+            spent[key] = time.monotonic() - t
+
+    return timed
 
 
 def _unpack(raw: Any, staging: int, dst: list[int]) -> None:
@@ -257,6 +275,8 @@ class Row:
     claim_seen_ms: list[float]
     post_called_ms: list[float]
     post_returned_ms: list[float]
+    in_initialize_xfer_ms: list[float]
+    in_transfer_ms: list[float]
     verified: bool
 
     def summary(self) -> dict[str, Any]:
@@ -275,6 +295,8 @@ class Row:
             "claim_seen_ms_median": statistics.median(self.claim_seen_ms),
             "post_called_ms_median": statistics.median(self.post_called_ms),
             "post_returned_ms_median": statistics.median(self.post_returned_ms),
+            "in_initialize_xfer_ms_median": statistics.median(self.in_initialize_xfer_ms),
+            "in_transfer_ms_median": statistics.median(self.in_transfer_ms),
             "verified_byte_for_byte": self.verified,
             "repeats": len(lat),
         }
@@ -293,13 +315,15 @@ def _one(
     landed, done = sink.wait_result(tid), source.wait_result(tid)
     if not (landed["ok"] and done["ok"]):
         raise RuntimeError(f"{tid} failed: sink {landed['what']}, source {done['what']}")
-    p0, p1 = done["t_post"]
+    p0, p1, in_init, in_transfer = done["t_post"]
     return {  # ms after send(): landed at the sink, write over at the source, post() called
         "landed": (landed["t"] - t_send) * 1e3,  # and returned (claim round trip, post cost)
         "done": (done["t"] - t_send) * 1e3,
         "claim_seen": (landed["t_claim"] - t_send) * 1e3 if landed["t_claim"] else float("nan"),
         "post_called": (p0 - t_send) * 1e3 if p0 else float("nan"),
         "post_returned": (p1 - t_send) * 1e3 if p1 else float("nan"),
+        "in_initialize_xfer": in_init * 1e3,  # ms inside post() (nixl only)
+        "in_transfer": in_transfer * 1e3,
     }
 
 
@@ -336,7 +360,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for mode in modes:
             for n_tokens in tokens:
                 n = math.ceil(n_tokens / block_size)
-                row = Row(mode, n_tokens, n, 0, 0, [], [], [], [], [], False)
+                row = Row(mode, n_tokens, n, 0, 0, [], [], [], [], [], [], [], False)
                 for rep in range(1 + args.repeat):
                     src = _pick(rng, scatter_blocks, n, args.block_runs)
                     dst = _pick(rng, scatter_blocks, n, args.block_runs)
@@ -354,6 +378,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row.claim_seen_ms.append(times["claim_seen"])
                     row.post_called_ms.append(times["post_called"])
                     row.post_returned_ms.append(times["post_returned"])
+                    row.in_initialize_xfer_ms.append(times["in_initialize_xfer"])
+                    row.in_transfer_ms.append(times["in_transfer"])
                 from kv_transfer.transport import paired_runs
 
                 row.num_descriptors = 1 if mode == "staged" else len(paired_runs(src, dst))
@@ -419,7 +445,9 @@ def _line(r: dict[str, Any]) -> str:
         f"(min {r['latency_ms']['min']:.2f})  {r['bandwidth_gib_s']['median']:6.2f} GiB/s "
         f"(best {r['bandwidth_gib_s']['best']:.2f})  claim seen {r['claim_seen_ms_median']:.2f}, "
         f"post called/returned "
-        f"{r['post_called_ms_median']:.2f}/{r['post_returned_ms_median']:.2f} ms, source done "
+        f"{r['post_called_ms_median']:.2f}/{r['post_returned_ms_median']:.2f} ms (NIXL init "
+        f"{r['in_initialize_xfer_ms_median']:.2f}, transfer {r['in_transfer_ms_median']:.2f}), "
+        f"source done "
         f"{r['source_done_ms_median']:.2f} ms  verified={r['verified_byte_for_byte']}"
     )
 

@@ -49,6 +49,7 @@ for line in open(sys.argv[1]):
     print(f"{r['name']:>14} {r['tokens']:>6} tok {r['descriptors']:>4} desc  "
           f"{r['latency_ms']['median']:6.2f} ms (min {r['latency_ms']['min']:.2f})  "
           f"{r['bandwidth_gib_s']['median']:6.1f} GiB/s  claim {r['claim_seen_ms_median']:.2f}  "
+          f"init {r['in_initialize_xfer_ms_median']:.2f} xfer {r['in_transfer_ms_median']:.2f}  "
           f"post {r['post_called_ms_median']:.2f}/"
           f"{r['post_returned_ms_median']:.2f}  done {r['source_done_ms_median']:.2f}  "
           f"ok={r['verified_byte_for_byte']}")
