@@ -78,10 +78,37 @@ GREEDY_TOKENS = 32
 CHUNK = 100  # prefill chunk size for the teacher-forced prefill path (cached prefix after #1)
 
 
-def _hf(model_dir: Path, dtype: torch.dtype) -> Any:
+def _hf(model_dir: Path, dtype: torch.dtype, attn: str = "sdpa") -> Any:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
+    return model.cuda().eval()
+
+
+def _top1(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    same = sum(int((x.argmax(-1) == y.argmax(-1)).sum()) for x, y in zip(a, b, strict=True))
+    return same / sum(len(x) for x in a)
+
+
+@torch.inference_mode()
+def noise_floor(model_dir: Path, texts: list[list[int]], ours: list[torch.Tensor]) -> dict:
+    """How far apart two bf16 implementations of transformers itself are, and each from fp32:
+    the scale against which Tandem's bf16 agreement should be read."""
+    logits = {}
+    for name, dtype, attn in (
+        ("sdpa_bf16", torch.bfloat16, "sdpa"),
+        ("eager_bf16", torch.bfloat16, "eager"),
+        ("sdpa_fp32", torch.float32, "sdpa"),
+    ):
+        hf = _hf(model_dir, dtype, attn)
+        logits[name] = [hf(torch.tensor([t], device="cuda")).logits[0].float() for t in texts]
+        del hf
+    return {
+        "hf_sdpa_bf16_vs_hf_eager_bf16": _top1(logits["sdpa_bf16"], logits["eager_bf16"]),
+        "hf_sdpa_bf16_vs_hf_fp32": _top1(logits["sdpa_bf16"], logits["sdpa_fp32"]),
+        "hf_eager_bf16_vs_hf_fp32": _top1(logits["eager_bf16"], logits["sdpa_fp32"]),
+        "tandem_bf16_vs_hf_fp32": _top1(ours, logits["sdpa_fp32"]),
+    }
 
 
 @torch.inference_mode()
@@ -160,9 +187,7 @@ def run(model_dir: Path, dtype_name: str) -> dict[str, Any]:
         ref = [hf(torch.tensor([ids], device="cuda")).logits[0].float() for ids in texts]
     # prefill path: every position of every text
     ours = _teacher_forced_prefill(llm, texts)
-    pre_agree = sum(
-        int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(ours, ref, strict=True)
-    )
+    floor = noise_floor(model_dir, texts, ours) if dtype == torch.bfloat16 else {}
     pre_total = sum(len(t) for t in texts)
     # decode path: positions [first, min_len) of each text
     first = 64
@@ -204,7 +229,7 @@ def run(model_dir: Path, dtype_name: str) -> dict[str, Any]:
     torch.cuda.empty_cache()
     return {
         "dtype": dtype_name,
-        "prefill_top1": pre_agree / pre_total,
+        "prefill_top1": _top1(ours, ref),
         "prefill_positions": pre_total,
         "decode_top1": dec_agree / dec_total,
         "decode_positions": dec_total,
@@ -213,6 +238,7 @@ def run(model_dir: Path, dtype_name: str) -> dict[str, Any]:
         "greedy_first_diff": first_diff,
         "sample_text": tok.decode(mine[0]),
         "reference_text": tok.decode(theirs[0]),
+        "noise_floor": floor,
     }
 
 
@@ -232,6 +258,9 @@ def main() -> None:
             f"{r['decode_top1']:>15.4f} ({r['decode_positions']})"
             f"{r['greedy_identical']:>18}/{r['greedy_prompts']}"
         )
+    for r in results:
+        for k, v in r["noise_floor"].items():
+            print(f"  top-1 agreement {k}: {v:.4f}")
     print(
         json.dumps(
             {

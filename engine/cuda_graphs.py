@@ -94,6 +94,9 @@ class DecodeGraphs:
                 return b
         raise ValueError(f"batch {batch} exceeds the largest captured bucket {self.max_batch}")
 
+    def graph(self, bucket: int) -> torch.cuda.CUDAGraph:
+        return self._graphs[bucket][0]
+
     def run(self, inputs: DecodeInputs) -> torch.Tensor:
         """Replay the bucket's graph on `inputs`; returns its logits [bucket, vocab] (a static
         buffer: read it before the next replay)."""

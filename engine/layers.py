@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 from torch import nn
 
 from engine.config import RopeScaling
+
+
+def fused() -> ModuleType:
+    """engine.triton_fused, imported on first CUDA use: CPU-only installs have no triton."""
+    from engine import triton_fused
+
+    return triton_fused
 
 
 class RMSNorm(nn.Module):
@@ -17,6 +25,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1:  # one Triton pass, same rounding
+            out: torch.Tensor = fused().rms_norm(x, self.weight, self.eps)
+            return out
         # computed in fp32 and cast back, as the reference (HF) implementation does
         dtype = x.dtype
         x32 = x.float()
@@ -60,6 +71,11 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [N]; q [N, Hq, D]; k [N, Hk, D]."""
+        if q.is_cuda:  # one Triton pass per tensor, same rounding as below
+            f = fused()
+            return f.rope(positions, q, self.cos, self.sin), f.rope(
+                positions, k, self.cos, self.sin
+            )
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [N, 1, D]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

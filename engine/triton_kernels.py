@@ -29,6 +29,13 @@ import triton.language as tl
 from engine.gpu_attention import PREFILL_BLOCK_M
 
 LOG2E = 1.4426950408889634
+# decode tile: tokens per loop iteration (head_dim 128 / <= 64), warps, pipeline stages.
+# bench/gpu_kernels.py on an H200 (docs/benchmarks.md): (64, 4, 3) reads KV at 0.94 of copy
+# bandwidth at batch 64 x 1536 tokens (32 tokens, 2 stages: 0.86) and 1.00 at batch 256.
+DECODE_BLOCK_N = 64
+DECODE_BLOCK_N_D64 = 64
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 3
 
 
 def _dot_precision(q: torch.Tensor) -> str:
@@ -201,9 +208,13 @@ def decode_attention(
     context_lens: torch.Tensor,
     out: torch.Tensor,
     num_splits: int,
+    block_n: int | None = None,
+    num_warps: int = DECODE_NUM_WARPS,
+    num_stages: int = DECODE_NUM_STAGES,
 ) -> None:
     """q [B, Hq, D]; block_tables [B, W] int32; context_lens [B] int32 (0: a padding row,
-    output 0); writes out [B, Hq, D]. num_splits is fixed per batch size (CUDA graphs)."""
+    output 0); writes out [B, Hq, D]. num_splits is fixed per batch size (CUDA graphs).
+    block_n / num_warps / num_stages: tile shape (defaults tuned by bench/gpu_kernels.py)."""
     b, hq, d = q.shape
     hk = k_cache.shape[2]
     group = hq // hk
@@ -228,10 +239,10 @@ def decode_attention(
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=d,
         BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_N=64 if d <= 64 else 32,
+        BLOCK_N=block_n or (DECODE_BLOCK_N_D64 if d <= 64 else DECODE_BLOCK_N),
         DOT_PRECISION=_dot_precision(q),
-        num_warps=4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     _decode_reduce_kernel[(b, hq)](
         acc,

@@ -14,7 +14,7 @@ from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
 from engine.gpu_attention import GpuAttentionMetadata
 from engine.kv_cache import KVCache
-from engine.layers import RMSNorm, RotaryEmbedding
+from engine.layers import RMSNorm, RotaryEmbedding, fused
 
 
 class Attention(nn.Module):
@@ -61,6 +61,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            return self.down_proj(fused().silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

@@ -1,0 +1,131 @@
+"""Fused elementwise kernels for CUDA (Triton): RMSNorm, RoPE, SiLU-and-mul.
+
+Why: a decode step of an 8B model at batch 1 runs ~40 small kernels per layer through torch's
+elementwise ops (RMSNorm alone is 6); at ~2-3 us each that is ~3 ms per step, as much as
+reading the weights. These kernels do each op in one pass.
+
+Rounding matches the torch code they replace (and Hugging Face's): every intermediate that
+torch rounds to the model dtype is rounded here too, in the same order, so bf16 results agree
+with the eager path up to fp32 reassociation inside the RMSNorm reduction.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(X, W, Out, stride_x, stride_o, N, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    var = tl.sum(x * x, 0) / N
+    y = (x * (1.0 / tl.sqrt(var + eps))).to(Out.dtype.element_ty)
+    w = tl.load(W + cols, mask=mask)
+    out = (w.to(tl.float32) * y.to(tl.float32)).to(Out.dtype.element_ty)
+    tl.store(Out + row * stride_o + cols, out, mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [N, D] (last dim contiguous) -> weight * (x / rms(x)), in x's dtype."""
+    n, d = x.shape
+    out = torch.empty((n, d), dtype=x.dtype, device=x.device)
+    if n:
+        block = triton.next_power_of_2(d)
+        _rms_norm_kernel[(n,)](
+            x,
+            weight,
+            out,
+            x.stride(0),
+            d,
+            d,
+            eps,
+            BLOCK=block,
+            num_warps=min(16, block // 256 or 1),
+        )
+    return out
+
+
+@triton.jit
+def _rope_kernel(
+    X,
+    Out,
+    positions,
+    Cos,
+    Sin,
+    stride_xn,
+    stride_xh,
+    num_heads,
+    HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions + n)
+    h = tl.arange(0, HEADS_PAD)
+    hmask = h < num_heads
+    j = tl.arange(0, HALF)
+    # cos/sin tables are fp32 [max_pos, 2*HALF] with equal halves; torch rounds them to x's dtype
+    c = tl.load(Cos + pos * 2 * HALF + j).to(Out.dtype.element_ty).to(tl.float32)
+    s = tl.load(Sin + pos * 2 * HALF + j).to(Out.dtype.element_ty).to(tl.float32)
+    src = X + n * stride_xn + h[:, None] * stride_xh + j[None, :]
+    x1 = tl.load(src, mask=hmask[:, None]).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=hmask[:, None]).to(tl.float32)
+    dt = Out.dtype.element_ty
+    # torch: x * cos + rotate_half(x) * sin, each product rounded, then the sum rounded
+    o1 = (x1 * c[None, :]).to(dt).to(tl.float32) + (-x2 * s[None, :]).to(dt).to(tl.float32)
+    o2 = (x2 * c[None, :]).to(dt).to(tl.float32) + (x1 * s[None, :]).to(dt).to(tl.float32)
+    dst = Out + n * num_heads * 2 * HALF + h[:, None] * 2 * HALF + j[None, :]
+    tl.store(dst, o1.to(dt), mask=hmask[:, None])
+    tl.store(dst + HALF, o2.to(dt), mask=hmask[:, None])
+
+
+def rope(
+    positions: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """x [N, H, D] (last dim contiguous), positions [N], cos/sin [max_pos, D] fp32 -> a new
+    contiguous [N, H, D] tensor, rotate-half RoPE applied."""
+    n, h, d = x.shape
+    out = torch.empty((n, h, d), dtype=x.dtype, device=x.device)
+    if n:
+        _rope_kernel[(n,)](
+            x,
+            out,
+            positions,
+            cos,
+            sin,
+            x.stride(0),
+            x.stride(1),
+            h,
+            HEADS_PAD=triton.next_power_of_2(h),
+            HALF=d // 2,
+            num_warps=4,
+        )
+    return out
+
+
+@triton.jit
+def _silu_and_mul_kernel(X, Out, stride_x, inter, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(X + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    dt = Out.dtype.element_ty
+    act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # torch rounds silu(gate) first
+    tl.store(Out + row * inter + cols, (act * u).to(dt), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [N, 2I] = [gate | up] -> silu(gate) * up, [N, I]."""
+    n, two_i = x.shape
+    i = two_i // 2
+    out = torch.empty((n, i), dtype=x.dtype, device=x.device)
+    if n:
+        block = 1024
+        _silu_and_mul_kernel[(n, triton.cdiv(i, block))](
+            x, out, x.stride(0), i, BLOCK=block, num_warps=4
+        )
+    return out
