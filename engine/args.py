@@ -34,6 +34,7 @@ class EngineArgs:
     # docs/benchmarks.md), on CUDA 1 (the GPU does the work)
     num_threads: int | None = None
     enforce_eager: bool = False  # CUDA: run decode steps without CUDA graphs
+    tensor_parallel_size: int = 1  # CUDA: one process per rank, torch.distributed initialised
 
     def resolve(self) -> EngineConfig:
         model_dir = Path(self.model).expanduser()
@@ -69,6 +70,7 @@ class EngineArgs:
             seed=self.seed,
             num_threads=self.num_threads or (max(1, (os.cpu_count() or 1) - 1)),
             enforce_eager=self.enforce_eager,
+            tensor_parallel_size=self.tensor_parallel_size,
         )
 
 

@@ -122,6 +122,7 @@ class EngineConfig:
     seed: int = 0  # dummy weights and unseeded sampling
     num_threads: int = 1  # torch intra-op threads for the forward pass (CPU device)
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
+    tensor_parallel_size: int = 1  # CUDA: ranks of one worker (engine/parallel.py)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -143,6 +144,8 @@ class EngineConfig:
                 f"the model attends over a sliding window of {window} tokens, which this engine "
                 f"does not implement; pass max_model_len <= {window}"
             )
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from engine.gpu_attention import PREFILL_BLOCK_M, GpuAttentionMetadata, decode_num_splits
+from engine.kv_cache import KVCache
 from engine.model_runner import ModelRunner
+from engine.parallel import TensorParallel, kv_layout_for_rank, shard_model
 from engine.plan import ScheduledRow, StepPlan, StepResult
 
 
@@ -29,6 +32,13 @@ class GpuModelRunner(ModelRunner):
         super().__init__(config, num_valid_tokens)
         if self.device.type != "cuda":
             raise ValueError(f"GpuModelRunner needs a CUDA device, got {self.device}")
+        self.tp = TensorParallel.from_initialized(config.tensor_parallel_size)
+        if self.tp.world_size > 1:
+            shard_model(self.model, self.tp)
+            layout = kv_layout_for_rank(self.kv_cache.layout, self.tp)
+            del self.kv_cache  # the replicated-heads pool: free it before the shard's
+            torch.cuda.empty_cache()
+            self.kv_cache = KVCache(layout, self.device)
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.max_blocks = -(-config.max_model_len // config.block_size)
         self.graphs: DecodeGraphs | None = None
@@ -39,8 +49,31 @@ class GpuModelRunner(ModelRunner):
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
+        """Rank 0 (and a single GPU): the whole step; with tensor parallelism the plan goes to
+        the other ranks first, which run the same forward in serve_followers()."""
+        if self.tp.world_size > 1:
+            dist.broadcast_object_list([plan], src=0, group=self.tp.plan_group)
+        return self._step(plan, sample=True)
+
+    @torch.inference_mode()
+    def serve_followers(self) -> None:
+        """Ranks > 0: run each plan rank 0 broadcasts until it sends None (stop_followers)."""
+        assert self.tp.rank > 0
+        while True:
+            box: list[StepPlan | None] = [None]
+            dist.broadcast_object_list(box, src=0, group=self.tp.plan_group)
+            if box[0] is None:
+                return
+            self._step(box[0], sample=False)
+
+    def stop_followers(self) -> None:
+        """Rank 0: release the other ranks' serve_followers() loops."""
+        if self.tp.world_size > 1 and self.tp.rank == 0:
+            dist.broadcast_object_list([None], src=0, group=self.tp.plan_group)
+
+    def _step(self, plan: StepPlan, sample: bool) -> StepResult:
         rows = plan.rows
-        sample_idx = [i for i, r in enumerate(rows) if r.sample]
+        sample_idx = [i for i, r in enumerate(rows) if r.sample] if sample else []
         graphs = self.graphs
         if (
             graphs is not None

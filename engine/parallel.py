@@ -1,0 +1,131 @@
+"""Tensor parallelism inside one worker: Megatron-style sharding of the decoder over ranks.
+
+One process per rank (torch.distributed initialised by the entry point before the engine is
+built; NCCL for tensors on GPUs, gloo on CPU). Every rank holds:
+  - q/k/v and gate/up projections column-parallel: its own query heads, kv heads and
+    intermediate columns (the fused weights are sliced part by part);
+  - o_proj and down_proj row-parallel: its slice of the input features, outputs all-reduced;
+  - embedding, norms and lm_head replicated (every rank computes the full logits);
+  - a KV pool of its own kv heads only: the block ids are the same on every rank (one block
+    manager, on rank 0), the bytes of a block differ. Shipping a request's KV from a TP worker
+    is therefore one transfer per rank, each of its own heads (see kv_layout_for_rank).
+
+Rank 0 owns the scheduler; each step it broadcasts the StepPlan to the other ranks over a gloo
+group (a few hundred bytes of pickle) and all ranks run the same forward; only rank 0 samples.
+
+Invariant: num_heads and num_kv_heads are multiples of the world size (checked at start).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.kv_layout import KVLayout
+from engine.models.llama import MLP, Attention, CausalLM, DecoderLayer
+
+
+@dataclass(frozen=True, slots=True)
+class TensorParallel:
+    rank: int
+    world_size: int
+    plan_group: dist.ProcessGroup | None  # gloo group for StepPlans; None when world_size 1
+
+    @classmethod
+    def from_initialized(cls, world_size: int) -> TensorParallel:
+        """Read rank/world from the process group the entry point initialised."""
+        if world_size == 1:
+            return cls(0, 1, None)
+        if not dist.is_initialized():
+            raise RuntimeError(
+                f"tensor_parallel_size={world_size} needs torch.distributed initialised first "
+                "(one process per rank; see bench/gpu_tp.py)"
+            )
+        if dist.get_world_size() != world_size:
+            raise ValueError(
+                f"tensor_parallel_size={world_size} but the process group has "
+                f"{dist.get_world_size()} ranks"
+            )
+        group = dist.new_group(backend="gloo")
+        return cls(dist.get_rank(), world_size, group)
+
+
+def check_divisible(num_heads: int, num_kv_heads: int, intermediate: int, world: int) -> None:
+    for name, n in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+        if n % world:
+            raise ValueError(f"{name}={n} is not divisible by tensor_parallel_size={world}")
+    if intermediate % world:
+        raise ValueError(f"intermediate_size={intermediate} is not divisible by {world}")
+
+
+class RowParallelLinear(nn.Linear):
+    """y = all_reduce(x_shard @ W_shard^T): the input features are split over the ranks."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.linear(x, self.weight)
+        dist.all_reduce(y)
+        return y
+
+
+def _rows(w: torch.Tensor, sizes: list[int], tp: TensorParallel) -> torch.Tensor:
+    """Rank's slice of each part of a weight fused along dim 0 (e.g. [q | k | v])."""
+    parts = torch.split(w, sizes, dim=0)
+    mine = [p.chunk(tp.world_size, dim=0)[tp.rank] for p in parts]
+    return torch.cat(mine, dim=0).contiguous()
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding the given (already sharded) tensors, allocated nowhere else."""
+    out_features, in_features = weight.shape
+    lin = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=False)
+    return lin
+
+
+def shard_model(model: CausalLM, tp: TensorParallel) -> None:
+    """Cut a loaded, replicated model down to rank `tp.rank`'s shard, in place."""
+    cfg = model.config
+    world = tp.world_size
+    check_divisible(cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, world)
+    for layer in model.layers:
+        assert isinstance(layer, DecoderLayer)
+        attn, mlp = layer.self_attn, layer.mlp
+        assert isinstance(attn, Attention) and isinstance(mlp, MLP)
+        sizes = [attn.q_size, attn.kv_size, attn.kv_size]
+        bias = attn.qkv_proj.bias
+        attn.qkv_proj = _linear(
+            _rows(attn.qkv_proj.weight, sizes, tp),
+            None if bias is None else _rows(bias, sizes, tp),
+        )
+        o = attn.o_proj.weight.chunk(world, dim=1)[tp.rank].contiguous()
+        attn.o_proj = RowParallelLinear(o)
+        attn.num_heads //= world
+        attn.num_kv_heads //= world
+        attn.q_size //= world
+        attn.kv_size //= world
+        inter = cfg.intermediate_size
+        mlp.gate_up_proj = _linear(_rows(mlp.gate_up_proj.weight, [inter, inter], tp), None)
+        down = mlp.down_proj.weight.chunk(world, dim=1)[tp.rank].contiguous()
+        mlp.down_proj = RowParallelLinear(down)
+
+
+def kv_layout_for_rank(layout: KVLayout, tp: TensorParallel) -> KVLayout:
+    """The pool layout of one rank: its own kv heads. The model identity names the rank, so a
+    raw block copy is only accepted between pools of the same head shard."""
+    if tp.world_size == 1:
+        return layout
+    return dataclasses.replace(
+        layout,
+        model=f"{layout.model}/tp{tp.rank}of{tp.world_size}",
+        num_kv_heads=layout.num_kv_heads // tp.world_size,
+    )
