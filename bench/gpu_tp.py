@@ -59,7 +59,8 @@ def _leader(args: EngineArgs, with_latency: bool) -> dict[str, Any]:
     if with_latency:
         engine = llm.engine
         ctx = [rng.randrange(10, 128000) for _ in range(1024)]
-        engine.add_request("lat", ctx, SamplingParams(max_tokens=129, temperature=0.0, ignore_eos=True))
+        greedy_129 = SamplingParams(max_tokens=129, temperature=0.0, ignore_eos=True)
+        engine.add_request("lat", ctx, greedy_129)
         times = []
         while engine.has_unfinished():
             t0 = time.perf_counter()
