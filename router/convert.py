@@ -221,6 +221,14 @@ def resolve_max_tokens(
     return requested
 
 
+def completion_max_tokens(req: CompletionRequest, limits: Limits) -> int | None:
+    """The completion's max_tokens: OpenAI's default (16) when the client gives none, which
+    is no ask of the client's, so it is lowered to the server's output limit, never refused."""
+    if "max_tokens" in req.model_fields_set or limits.max_output_tokens is None:
+        return req.max_tokens
+    return None if req.max_tokens is None else min(req.max_tokens, limits.max_output_tokens)
+
+
 def check_num_choices(num_choices: int, limits: Limits) -> None:
     if num_choices > limits.max_choices:
         _bad(

@@ -165,8 +165,9 @@ class Frontend:
         convert.validate_completion(req)
         prompts = self._completion_prompts(req.prompt)
         logprobs = req.logprobs
+        max_tokens = convert.completion_max_tokens(req, self.config.limits)
         return self._plan(
-            Endpoint.COMPLETIONS, req, prompts, req.max_tokens, "max_tokens", logprobs, timing
+            Endpoint.COMPLETIONS, req, prompts, max_tokens, "max_tokens", logprobs, timing
         )
 
     def plan_chat(self, req: ChatCompletionRequest, timing: Timing) -> Plan:

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from router import convert
 from router.admission import Admission, Slot
 from router.config import AdmissionConfig, Limits, Role, RouterConfig, WorkerAddress
 from router.errors import Overloaded
 from router.policy import WorkerSnapshot
+from router.protocol import CompletionRequest
 from router.server import build_app
 from runtime.tokenizer import Tokenizer
 from tests.router.test_validation import assert_openai_error, closed_port
@@ -108,6 +110,15 @@ def test_limits_are_400(client: TestClient, fields: dict[str, object], param: st
     key = auth(API_KEY)
     response = client.post("/v1/completions", json={**BODY, **fields}, headers=key)
     assert assert_openai_error(response, 400)["param"] == param
+
+
+def test_the_default_max_tokens_is_lowered_to_the_limit_not_refused() -> None:
+    limits = Limits(max_output_tokens=8)
+    implicit = CompletionRequest.model_validate({"model": MODEL, "prompt": "hi"})
+    assert implicit.max_tokens == 16 and convert.completion_max_tokens(implicit, limits) == 8
+    explicit = CompletionRequest.model_validate({"model": MODEL, "prompt": "hi", "max_tokens": 16})
+    assert convert.completion_max_tokens(explicit, limits) == 16  # refused later (400)
+    assert convert.completion_max_tokens(implicit, Limits()) == 16
 
 
 def test_chat_template_kwargs_cannot_replace_the_template(client: TestClient) -> None:
