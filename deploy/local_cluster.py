@@ -103,6 +103,39 @@ class LocalCluster:
     def _wait_ready(self, child: Child) -> str:
         return wait_ready(child, self.config.start_timeout_s)
 
+    def child(self, name: str) -> Child:
+        return next(c for c in self.children if c.name == name)
+
+    def kill(self, name: str) -> None:
+        """`kill -9` a worker's process group (a crash, for fault tests); it stays dead until
+        `restart`."""
+        child = self.child(name)
+        _signal_group(child.proc, signal.SIGKILL)
+        child.proc.wait()
+
+    def restart(self, name: str) -> str:
+        """Start a dead worker again under its id (a fresh process at a new port, as Ray's
+        restart would) and register its new address with the router (POST /admin/workers),
+        which then routes to it once it answers Health. Returns the new address."""
+        from deploy.admin_client import AdminClient  # httpx; only the fault tests restart
+        from router.config import Role
+
+        old = self.child(name)
+        if old.proc.poll() is None:
+            raise RuntimeError(f"{name} is still running (pid {old.proc.pid})")
+        stop_children([old])
+        self.children.remove(old)
+        module = "prefill_worker" if name.startswith("prefill") else "decode_worker"
+        child = self._spawn(name, module, self._worker_args(name))
+        child.address = self._wait_ready(child)
+        role = Role.PREFILL if module == "prefill_worker" else Role.DECODE
+        admin = AdminClient(self.url)
+        try:
+            admin.register(name, role, child.address)
+        finally:
+            admin.close()
+        return child.address
+
     def stop(self) -> None:
         """Stop every child (by PID, router first). Idempotent."""
         stop_children(list(reversed(self.children)))

@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-timeout-s", type=float, default=600.0,
         help="a request still running after this long ends with 504 and is aborted on its workers",
     )  # fmt: skip
+    p.add_argument(
+        "--migration-limit", type=int, default=3,
+        help="times a choice may move to another decode worker when its worker is lost "
+        "mid-stream (0: never)",
+    )  # fmt: skip
     p.add_argument("--load-interval-s", type=float, default=0.2)
     p.add_argument(
         "--admin-key", default=os.environ.get("TANDEM_ADMIN_KEY"),
@@ -121,6 +126,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         ),
         max_model_len=args.max_model_len,
         request_timeout_s=args.request_timeout_s,
+        migration_limit=args.migration_limit,
         load_interval_s=args.load_interval_s,
         admin_key=args.admin_key or None,
         api_key=args.api_key or None,

@@ -118,6 +118,9 @@ class RouterConfig:
     # None: the smallest max_model_len reported by a healthy decode worker.
     max_model_len: int | None = None
     request_timeout_s: float = 600.0  # whole request, router to last token; sent as deadline
+    # How many times one choice may move to another decode worker when its worker is lost
+    # mid-stream (router/migration.py); 0: never, the client gets the error.
+    migration_limit: int = 3
     load_interval_s: float = 0.2  # how often each worker's Load is polled
     health_interval_s: float = 1.0
     rpc_timeout_s: float = 2.0  # Health, Load, Abort
@@ -151,6 +154,8 @@ class RouterConfig:
             raise ValueError("served_model_name must be non-empty")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.migration_limit < 0:
+            raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
         if (self.slo_ttft_s is None) != (self.slo_itl_s is None):
             raise ValueError("give both slo_ttft_s and slo_itl_s, or neither")
         for slo in (self.slo_ttft_s, self.slo_itl_s):

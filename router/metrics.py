@@ -127,6 +127,13 @@ class RouterMetrics:
             "tandem_router_aborts", "Choices aborted on a worker, by cause", ["cause"],
             registry=r,
         )  # fmt: skip
+        self.migrations = Counter(
+            "tandem_router_migrations",
+            "Choices whose decode worker was lost mid-stream, by outcome: migrated (went on on "
+            "another decode worker), limit (--migration-limit reached), unroutable (no decode "
+            "worker to go on on)",
+            ["outcome"], registry=r,
+        )  # fmt: skip
         self.finished = Counter(
             "tandem_router_finished_choices", "Finished choices by finish reason", ["reason"],
             registry=r,

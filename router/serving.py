@@ -50,6 +50,14 @@ from router.errors import (
 )
 from router.logprobs import TokenStrings
 from router.metrics import RouterMetrics
+from router.migration import (
+    ROUTE_POLL_S,
+    ROUTE_WAIT_S,
+    Progress,
+    WorkerLost,
+    continuation_route,
+    migratable,
+)
 from router.policy import RouteDecision, RouteRequest, Unroutable, route
 from router.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from router.registry import WorkerRegistry
@@ -127,6 +135,16 @@ class Plan:
     def route_header(self) -> str:
         decisions = {c.prompt_index: c.decision for c in self.choices}
         return " | ".join(decisions[i].header_value() for i in sorted(decisions))
+
+
+@dataclass(slots=True)
+class _ChoiceStats:
+    """Latency bookkeeping of one choice across its attempts (perf_counter seconds)."""
+
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    gaps_s: list[float] = field(default_factory=list)  # per token; observed once at the end
+    finished: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,26 +356,101 @@ class Frontend:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _choice_events(self, plan: Plan, choice: Choice) -> AsyncIterator[Event]:
-        start_cpu_s = time.thread_time()
+        """One choice's events, across migrations (router/migration.py) when its decode worker
+        is lost mid-stream."""
+        deadline_s = time.time() + self.config.request_timeout_s  # unix; kept across attempts
+        progress = Progress()
+        stats = _ChoiceStats()
         decision = choice.decision
-        client = self.registry.client(decision.decode_worker_id)
+        try:
+            while True:
+                try:
+                    async for event in self._attempt(
+                        plan, choice, decision, progress, stats, deadline_s
+                    ):
+                        yield event
+                    return
+                except WorkerLost as lost:
+                    if progress.migrations >= self.config.migration_limit:
+                        self.metrics.migrations.labels("limit").inc()
+                        log.warning(
+                            "%s: decode worker %s lost (%s); migration limit %d reached",
+                            choice.request_id, lost.worker_id, lost.error.message,
+                            self.config.migration_limit,
+                        )  # fmt: skip
+                        raise lost.error from lost
+                    decision = await self._continuation(choice, progress, lost)
+                    progress.migrations += 1
+                    self.metrics.migrations.labels("migrated").inc()
+                    log.warning(
+                        "%s: decode worker %s lost (%s); migrated to %s after %d tokens",
+                        choice.request_id, lost.worker_id, lost.error.message,
+                        decision.decode_worker_id, len(progress.output_token_ids),
+                    )  # fmt: skip
+        finally:
+            for gap_s in stats.gaps_s:
+                self.metrics.itl_s.observe(gap_s)
+            if stats.finished and stats.first_token_s is not None:
+                ttft_s = stats.first_token_s - plan.timing.arrival_s
+                self.metrics.observe_choice(ttft_s, stats.gaps_s)
+
+    async def _continuation(
+        self, choice: Choice, progress: Progress, lost: WorkerLost
+    ) -> RouteDecision:
+        """The decode worker the choice goes on on; waits up to ROUTE_WAIT_S for one."""
+        ids = [*choice.prompt_ids, *progress.output_token_ids]
+        loop = asyncio.get_running_loop()
+        give_up_s = loop.time() + ROUTE_WAIT_S
+        while True:
+            self._seq += 1
+            try:
+                return continuation_route(
+                    choice.prompt_ids,
+                    progress,
+                    self.registry.overlaps(ids),
+                    self.registry.snapshot(),
+                    lost,
+                    self._seq,
+                    self.config.policy,
+                )
+            except Unroutable as exc:
+                if loop.time() >= give_up_s:
+                    self.metrics.migrations.labels("unroutable").inc()
+                    raise ServiceUnavailable(
+                        f"{lost.error.message}; no decode worker to migrate to: {exc}"
+                    ) from exc
+                await asyncio.sleep(ROUTE_POLL_S)
+
+    async def _attempt(
+        self,
+        plan: Plan,
+        choice: Choice,
+        decision: RouteDecision,
+        progress: Progress,
+        stats: _ChoiceStats,
+        deadline_s: float,
+    ) -> AsyncIterator[Event]:
+        """One Generate stream of the choice; raises WorkerLost when migration may repair it."""
+        start_cpu_s = time.thread_time()
+        worker_id = decision.decode_worker_id
+        client = self.registry.client(worker_id)
         request = convert.generate_request(
             choice.request_id,
             choice.prompt_ids,
             choice.sampling,
             decision.prefill_worker_id,
             decision.prefill_address,
-            time.time() + self.config.request_timeout_s,
+            deadline_s,
         )
-        ticket = self.registry.begin(choice.request_id, decision, len(choice.prompt_ids))
+        resumed = len(progress.output_token_ids)
+        request.resume_output_token_ids.extend(progress.output_token_ids)
+        num_context = len(choice.prompt_ids) + resumed
+        ticket = self.registry.begin(choice.request_id, decision, num_context)
         timing = plan.timing
-        call = client.generate(request, timeout_s=self.config.request_timeout_s)
-        if choice.index == 0:
+        call = client.generate(request, timeout_s=max(deadline_s - time.time(), 0.001))
+        if choice.index == 0 and progress.migrations == 0:
             self.metrics.dispatch_s.observe(timing.dispatched(start_cpu_s))
-        finished = False
-        first_token_s: float | None = None  # of this choice
-        last_token_s: float | None = None
-        gaps_s: list[float] = []  # per token; observed once at the end, off the per-token path
+        finished = lost = False
         try:
             async for msg in call:  # waiting here is worker time
                 now = time.perf_counter()
@@ -365,40 +458,45 @@ class Frontend:
                 delta = convert.delta_from_proto(msg)
                 self.registry.add_tokens(ticket, len(delta.token_ids))
                 if delta.token_ids:
-                    if last_token_s is None:
-                        first_token_s = now
+                    if stats.last_token_s is None:
+                        stats.first_token_s = now
                         if timing.first_token_s is None:
                             timing.first_token_s = now
                             self.metrics.ttft_s.observe(now - timing.arrival_s)
                     else:
-                        gaps_s.extend(
-                            [(now - last_token_s) / len(delta.token_ids)] * len(delta.token_ids)
-                        )
-                    last_token_s = now
+                        gap_s = (now - stats.last_token_s) / len(delta.token_ids)
+                        stats.gaps_s.extend([gap_s] * len(delta.token_ids))
+                    stats.last_token_s = now
+                    progress.output_token_ids.extend(delta.token_ids)
                 if delta.finish_reason is not None:
-                    finished = True
+                    finished = stats.finished = True
                     self._on_finished(delta.finish_reason, delta.usage)
                 yield Event(choice, delta, now, now_cpu)
                 if finished:
                     return
-            raise WorkerFailed(
-                f"decode worker {decision.decode_worker_id} ended {choice.request_id} "
-                "without a finish reason"
+            lost = True
+            raise WorkerLost(
+                worker_id,
+                decision.decode_address,
+                WorkerFailed(
+                    f"decode worker {worker_id} ended {choice.request_id} without a finish reason"
+                ),
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.UNAVAILABLE:
-                self.registry.mark_unreachable(decision.decode_worker_id, str(exc.details()))
-            raise _rpc_error(exc, decision.decode_worker_id) from exc
+                self.registry.mark_unreachable(worker_id, str(exc.details()))
+            error = _rpc_error(exc, worker_id)
+            if migratable(exc.code()):
+                lost = True
+                raise WorkerLost(worker_id, decision.decode_address, error) from exc
+            raise error from exc
         finally:
             self.registry.finish(ticket)
-            for gap_s in gaps_s:
-                self.metrics.itl_s.observe(gap_s)
-            self.metrics.generation_tokens.inc(ticket.context_tokens - len(choice.prompt_ids))
-            if finished and first_token_s is not None:
-                self.metrics.observe_choice(first_token_s - timing.arrival_s, gaps_s)
+            self.metrics.generation_tokens.inc(ticket.context_tokens - num_context)
             if not finished:
                 call.cancel()
-                self._abort(decision.decode_worker_id, choice.request_id)
+                if not lost:  # a lost worker has nothing left to abort
+                    self._abort(worker_id, choice.request_id)
 
     def _on_finished(self, reason: convert.FinishReason, usage: convert.Usage | None) -> None:
         self.metrics.finished.labels(reason.value).inc()
