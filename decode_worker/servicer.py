@@ -81,6 +81,7 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         self.sink = sink
         self.lease_s = lease_s  # how long reserved blocks wait for the prefill worker's KV
         self.prefill_clients = PrefillClients(tls)
+        self._releases: set[asyncio.Task[None]] = set()  # _release_after_fence in progress
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -156,10 +157,17 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         rid = request.request_id
         # validate before reserving: the engine would refuse the same things at admission
         await self.engine.call(lambda e: e.check_request(prompt, params))
-        blocks = await self.engine.call(lambda e: e.reserve_kv(rid, len(prompt)))
+        # Engine and sink commands run on their own threads even if this coroutine is
+        # cancelled (the client went away) while it waits for them: the reservation and the
+        # lease are tracked as futures and shielded, so the release below sees whatever
+        # actually happened, never less.
+        reservation = asyncio.ensure_future(
+            self.engine.call(lambda e: e.reserve_kv(rid, len(prompt)))
+        )
         admitted = False
         try:
-            handle = await self.sink.expect(rid, blocks, self.lease_s)
+            blocks = await asyncio.shield(reservation)
+            handle = await asyncio.shield(self.sink.expect(rid, blocks, self.lease_s))
             remote = request.prefill.remote
             prefill_req = pb.PrefillRequest(
                 request_id=rid,
@@ -196,15 +204,28 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
             return outputs, reply.kv_transfer_s, reply.cached_tokens
         finally:
             if not admitted:
-                # abort is a no-op for a transfer that already ended; the blocks are freed only
-                # once the sink has fenced the transfer (KVReleased), never earlier
-                asyncio.get_running_loop().create_task(self._release_after_fence(rid))
+                task = asyncio.get_running_loop().create_task(
+                    self._release_after_fence(rid, reservation)
+                )
+                self._releases.add(task)  # a task nobody references may be collected
+                task.add_done_callback(self._releases.discard)
 
-    async def _release_after_fence(self, rid: str) -> None:
+    async def _release_after_fence(self, rid: str, reservation: asyncio.Future[list[int]]) -> None:
+        """Give a reservation back once no write of its transfer can land any more.
+
+        Runs after the engine made (or refused) the reservation and the sink opened (or
+        refused) the lease. An open transfer is aborted and awaited: it ends either landed
+        (it beat the abort) or released behind the fence (KVReleased); only then are the blocks
+        freed. Admission may have taken the reservation meanwhile (the caller was cancelled
+        while admitting: AsyncEngine aborts that request), so none may be left to free."""
         assert self.sink is not None
-        if self.sink.is_open(rid):  # else expect() failed or the KV landed: nothing to fence
+        try:
+            await reservation
+        except Exception:  # never reserved (OutOfBlocks...): nothing to release
+            return
+        if self.sink.is_open(rid):
             await self.sink.abort(rid)
-            await self.sink.released(rid)
+            await self.sink.settled(rid)
         await self.engine.call(lambda e: e.cancel_kv_reservation(rid))
 
 

@@ -187,6 +187,8 @@ class AsyncEngine:
                 stream.put_nowait(out)
         except BaseException:
             self._streams.pop(request_id, None)
+            if self.error is None:  # cancelled while admitting: the admission may still run
+                self._commands.put(lambda engine: engine.abort(request_id))
             raise
         return self._drain(request_id, stream)
 
@@ -230,7 +232,7 @@ class AsyncEngine:
 
         return await self.call(abort)
 
-    async def audit_blocks(self) -> tuple[BlockCounts, str]:
+    async def audit_blocks(self) -> tuple[BlockCounts, str, list[str]]:
         """Engine.audit_blocks on the engine thread, between steps."""
         return await self.call(lambda engine: engine.audit_blocks())
 

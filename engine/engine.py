@@ -69,20 +69,27 @@ class Engine:
         self.scheduler.add(req)
 
     def abort(self, request_id: str) -> None:
-        """Finish a queued or running request now and free its blocks; unknown ids are ignored
-        (the request may have finished in the meantime)."""
+        """Finish a queued or running request now and free its blocks, or free the blocks a
+        finished one holds for a hand-off; unknown ids are ignored (the request may have
+        finished in the meantime)."""
         req = self.scheduler.requests.get(request_id)
         if req is not None:
             self.scheduler.finish(req, FinishReason.ABORT)
             self.streams.pop(request_id, None)
+        elif request_id in self.scheduler.held:
+            # prefill role: it finished and its blocks wait for a hand-off, but whoever would
+            # hand them off went away before it saw the finish (its caller was cancelled)
+            self.scheduler.release_held(request_id)
 
     # ---- role hooks -------------------------------------------------------------------------
     def reserve_kv(self, request_id: str, num_tokens: int) -> list[int]:
         """Decode role: blocks for `num_tokens` of KV written by someone else (OutOfBlocks)."""
         return self.scheduler.reserve(request_id, num_tokens)
 
-    def cancel_kv_reservation(self, request_id: str) -> None:
-        self.scheduler.cancel_reservation(request_id)
+    def cancel_kv_reservation(self, request_id: str) -> bool:
+        """Decode role: give reserved blocks back; False when there are none (the request was
+        admitted meanwhile, or the reservation never made)."""
+        return self.scheduler.cancel_reservation(request_id)
 
     def admit_prefilled(
         self,
@@ -133,14 +140,17 @@ class Engine:
         """Raise BlockAccountingError unless every block's ref count matches its holders."""
         self.block_manager.check_integrity(self.scheduler.block_holders())
 
-    def audit_blocks(self) -> tuple[BlockCounts, str]:
-        """The block counts and what `check_integrity` finds wrong ("": nothing). O(num_blocks);
-        for tests and operators after a fault, not the step path."""
+    def audit_blocks(self) -> tuple[BlockCounts, str, list[str]]:
+        """The block counts, what `check_integrity` finds wrong ("": nothing) and who holds
+        blocks (see Scheduler.block_holders). O(num_blocks); for tests and operators after a
+        fault, not the step path."""
+        holders = self.scheduler.block_holders()
+        owners = sorted(name for name, table in holders.items() if table)
         try:
-            self.check_integrity()
+            self.block_manager.check_integrity(holders)
         except BlockAccountingError as e:
-            return self.block_manager.counts(), str(e)
-        return self.block_manager.counts(), ""
+            return self.block_manager.counts(), str(e), owners
+        return self.block_manager.counts(), "", owners
 
     # ---- helpers ----------------------------------------------------------------------------
     def _new_request(

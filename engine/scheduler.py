@@ -51,8 +51,13 @@ class Scheduler:
         self.reserved[request_id] = blocks
         return blocks
 
-    def cancel_reservation(self, request_id: str) -> None:
-        self.bm.free(self.reserved.pop(request_id))
+    def cancel_reservation(self, request_id: str) -> bool:
+        """Free a reservation; False when there is none (admitted or never made)."""
+        blocks = self.reserved.pop(request_id, None)
+        if blocks is None:
+            return False
+        self.bm.free(blocks)
+        return True
 
     def admit_prefilled(self, req: Request) -> None:
         """Admit a request whose prompt KV already sits in its reserved blocks.

@@ -108,6 +108,16 @@ class SinkThread(_EndpointThread[KVSink]):
         self._outcomes.pop(transfer_id, None)
         return result
 
+    async def settled(self, transfer_id: str) -> KVLanded | KVReleased:
+        """After abort(): resolves once no write of the transfer can land any more, with
+        KVLanded (it landed before the abort took: the caller owns the blocks again) or the
+        KVReleased behind the fence. Consumes what outcome()/released() would."""
+        if transfer_id in self._outcomes:
+            result = await self.outcome(transfer_id)
+            if isinstance(result, KVLanded):
+                return result
+        return await self.released(transfer_id)
+
     def is_open(self, transfer_id: str) -> bool:
         return transfer_id in self._releases or transfer_id in self._outcomes
 

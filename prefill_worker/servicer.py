@@ -2,12 +2,16 @@
 into the decode worker's reserved blocks, then free our copy.
 
 Block ownership: the request's blocks stay pinned in our engine after it finishes
-(hold_kv_on_finish) until the send has ended one way or the other; `release_kv` in the
-`finally` below is their one free path.
+(hold_kv_on_finish) until the send has ended one way or the other; `release_kv` once the send
+is over (at once, or from `_release_after_send` when the caller went away first) is their one
+free path. If the caller goes away before the finish was seen, the engine stream's abort frees
+them (Engine.abort also frees a finished request's held blocks).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import time
 
@@ -31,6 +35,7 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
         self.identity = identity
         self.engine = engine
         self.source = source
+        self._releases: set[asyncio.Task[None]] = set()  # _release_after_send in progress
 
     async def Prefill(
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
@@ -56,17 +61,25 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         assert last is not None and last.finished
         prefill_s = time.monotonic() - start
-        try:
-            held = last.held_block_ids
-            if len(held) != len(handle.block_ids):
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"the KV handle has {len(handle.block_ids)} blocks; "
-                    f"the prompt needs {len(held)}",
-                )
-            result = await self.source.send(handle, held)
-        finally:
+        held = last.held_block_ids
+        if len(held) != len(handle.block_ids):
             await self.engine.call(lambda engine: engine.release_kv(rid))
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the KV handle has {len(handle.block_ids)} blocks; the prompt needs {len(held)}",
+            )
+        send = asyncio.ensure_future(self.source.send(handle, held))
+        try:
+            result = await asyncio.shield(send)
+        finally:
+            # the held blocks are freed once the send has ended (SendDone / SendFailed: the
+            # source reads them no more), also when the caller went away meanwhile
+            if send.done():
+                await self.engine.call(lambda engine: engine.release_kv(rid))
+            else:
+                task = asyncio.get_running_loop().create_task(self._release_after_send(rid, send))
+                self._releases.add(task)  # a task nobody references may be collected
+                task.add_done_callback(self._releases.discard)
         if isinstance(result, SendFailed):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {result.error}")
         response = pb.PrefillResponse(
@@ -80,6 +93,11 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
             lp = last.new_logprobs[0]
             response.first_logprob.CopyFrom(logprob_to_proto(lp.token_id, lp.logprob, lp.top))
         return response
+
+    async def _release_after_send(self, rid: str, send: asyncio.Future[object]) -> None:
+        with contextlib.suppress(Exception):
+            await send
+        await self.engine.call(lambda engine: engine.release_kv(rid))
 
 
 def _handle_from_proto(msg: pb.KVHandle) -> KVHandle:

@@ -637,6 +637,7 @@ class BlockAudit(_message.Message):
     NUM_USED_FIELD_NUMBER: _builtins.int
     NUM_TOTAL_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    HOLDERS_FIELD_NUMBER: _builtins.int
     num_free: _builtins.int
     """no owner, no prefix-cache content"""
     num_cached: _builtins.int
@@ -646,6 +647,12 @@ class BlockAudit(_message.Message):
     num_total: _builtins.int
     error: _builtins.str
     """"": every invariant holds (else what broke)"""
+    @_builtins.property
+    def holders(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """who holds the used blocks: running request ids, "reserved:<id>" (decode: awaiting or
+        fencing a remote prefill's KV), "held:<id>" (prefill: pinned for a hand-off)
+        """
+
     def __init__(
         self,
         *,
@@ -654,10 +661,11 @@ class BlockAudit(_message.Message):
         num_used: _builtins.int = ...,
         num_total: _builtins.int = ...,
         error: _builtins.str = ...,
+        holders: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "num_cached", b"num_cached", "num_free", b"num_free", "num_total", b"num_total", "num_used", b"num_used"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "holders", b"holders", "num_cached", b"num_cached", "num_free", b"num_free", "num_total", b"num_total", "num_used", b"num_used"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

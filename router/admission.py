@@ -76,15 +76,29 @@ class Admission:
         slot.held[worker_id] = slot.held.get(worker_id, 0) + num_choices
         self._held[worker_id] = self._held.get(worker_id, 0) + num_choices
 
+    def move(self, slot: Slot, from_worker_id: str, to_worker_id: str) -> None:
+        """One admitted choice went on on another decode worker (router/migration.py): its
+        charge follows it. A no-op once the slot is released."""
+        if slot.released:
+            return
+        assert slot.held.get(from_worker_id, 0) > 0, "a choice moves from where it was charged"
+        self._give_back(slot.held, from_worker_id, 1)
+        self._give_back(self._held, from_worker_id, 1)
+        self.charge(slot, to_worker_id, 1)
+
     def release(self, slot: Slot) -> bool:
         """Give the slot's choices back; False when it was released already (idempotent)."""
         if slot.released:
             return False
         slot.released = True
         for worker_id, n in slot.held.items():
-            left = self._held[worker_id] - n
-            if left:
-                self._held[worker_id] = left
-            else:
-                del self._held[worker_id]  # workers come and go: no entry per idle worker
+            self._give_back(self._held, worker_id, n)
         return True
+
+    @staticmethod
+    def _give_back(held: dict[str, int], worker_id: str, n: int) -> None:
+        left = held[worker_id] - n
+        if left:
+            held[worker_id] = left
+        else:
+            del held[worker_id]  # workers come and go: no entry per idle worker

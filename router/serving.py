@@ -380,6 +380,7 @@ class Frontend:
                         )  # fmt: skip
                         raise lost.error from lost
                     decision = await self._continuation(choice, progress, lost)
+                    self.admission.move(plan.slot, lost.worker_id, decision.decode_worker_id)
                     progress.migrations += 1
                     self.metrics.migrations.labels("migrated").inc()
                     log.warning(

@@ -45,7 +45,7 @@ class EngineView(Protocol):
     def unsubscribe_kv_events(self, sub: asyncio.Queue[CacheEvent]) -> None: ...
     async def cached_block_hashes(self) -> list[int]: ...
     async def abort_request(self, request_id: str) -> bool: ...
-    async def audit_blocks(self) -> tuple[BlockCountsView, str]: ...
+    async def audit_blocks(self) -> tuple[BlockCountsView, str, list[str]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +89,7 @@ async def load(
         num_blocks_used=snap.num_blocks_used,
     )
     if audit_blocks:
-        counts, error = await engine.audit_blocks()
+        counts, error, holders = await engine.audit_blocks()
         msg.block_audit.CopyFrom(
             pb.BlockAudit(
                 num_free=counts.num_free,
@@ -97,6 +97,7 @@ async def load(
                 num_used=counts.num_used,
                 num_total=counts.num_total,
                 error=error,
+                holders=holders,
             )
         )
     return msg

@@ -85,3 +85,17 @@ def test_abort_frees_blocks_mid_generation(model_dir: Path) -> None:
     assert not llm.engine.has_unfinished()
     assert llm.engine.block_manager.num_used_blocks == 0
     llm.engine.check_integrity()
+
+
+def test_abort_frees_held_blocks_whose_hand_off_was_abandoned(model_dir: Path) -> None:
+    """Prefill role: the caller went away after the engine finished the request but before it
+    saw the finish; the stream's abort frees the blocks pinned for the hand-off."""
+    llm = LLM(str(model_dir), tokenizer=False, num_blocks=64)
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    llm.engine.add_request("h", list(range(3, 40)), params, hold_kv_on_finish=True)
+    _drain(llm)
+    assert llm.engine.block_manager.num_used_blocks == 3
+    llm.engine.abort("h")
+    llm.engine.check_integrity()
+    assert llm.engine.block_manager.num_used_blocks == 0 and not llm.engine.scheduler.held
+    assert llm.engine.cancel_kv_reservation("never") is False  # nothing reserved: a no-op

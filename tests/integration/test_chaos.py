@@ -319,7 +319,7 @@ def test_chaos(cluster: LocalCluster, tiny_chat_model_dir: Path) -> None:
             text = httpx.get(f"http://{load_metrics_address(child.address)}/metrics").text
             fallbacks += metric(text, "tandem_worker_remote_prefill_fallbacks_total")
         if a.error or not idle or a.num_free + a.num_cached + a.num_used != a.num_total:
-            leaks.append(f"{child.name}: {a} running={load.num_running}")
+            leaks.append(f"{child.name}: {a} running={load.num_running}".replace("\n", " "))
     summary = {
         "requests": len(results), **counts, "migrated": migrated,
         "prefill_fallbacks": fallbacks, "elapsed_s": round(elapsed_s, 1),
