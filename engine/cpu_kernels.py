@@ -57,6 +57,12 @@ def library() -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn.argtypes = [_ptr, _ptr, _ptr, _i64, _i64, _ptr, _i64, _ptr, _ptr]
     fn.argtypes += [_i64, _i64, _i64, _i64, _i64, ctypes.c_float]
+    lib.rms_norm_f32.restype = None
+    lib.rms_norm_f32.argtypes = [_ptr, _i64, _ptr, _ptr, _i64, _i64, ctypes.c_float]
+    lib.silu_mul_f32.restype = None
+    lib.silu_mul_f32.argtypes = [_ptr, _ptr, _i64, _i64]
+    lib.rope_f32.restype = None
+    lib.rope_f32.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64]
     return lib
 
 
@@ -111,3 +117,49 @@ def paged_decode_attention(
     if rc != 0:
         raise MemoryError("paged_decode_attention_f32: scratch allocation failed")
     return out
+
+
+def _check_f32(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError("the CPU kernels take float32 CPU tensors")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [N, H] (rows may be strided, elements contiguous), weight [H] -> new [N, H]."""
+    _check_f32(x, weight)
+    n, h = x.shape
+    if x.stride(1) != 1 or weight.shape != (h,) or not weight.is_contiguous():
+        raise ValueError(f"rms_norm: x {tuple(x.shape)} {x.stride()}, weight {weight.shape}")
+    out = torch.empty(n, h, dtype=x.dtype)
+    library().rms_norm_f32(x.data_ptr(), x.stride(0), weight.data_ptr(), out.data_ptr(), n, h, eps)
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [N, 2I] contiguous (gate columns first) -> new [N, I] = silu(gate) * up."""
+    _check_f32(gate_up)
+    n, two_i = gate_up.shape
+    if two_i % 2 or not gate_up.is_contiguous():
+        raise ValueError(f"silu_mul: gate_up {tuple(gate_up.shape)} must be contiguous [N, 2I]")
+    out = torch.empty(n, two_i // 2, dtype=gate_up.dtype)
+    library().silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), n, two_i // 2)
+    return out
+
+
+def rope_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate x [N, H, D] in place (tokens may be strided; each token's [H, D] contiguous) by
+    the rows `positions` [N] int64 of the cos/sin tables [max_positions, D]."""
+    _check_f32(x, cos, sin)
+    n, h, d = x.shape
+    if x.stride()[1:] != (d, 1) or d % 2:
+        raise ValueError(f"rope_: x {tuple(x.shape)} {x.stride()} needs contiguous [H, D], even D")
+    tables_ok = cos.shape == sin.shape and cos.is_contiguous() and sin.is_contiguous()
+    if not tables_ok or cos.shape[1] != d:
+        raise ValueError("rope_: cos/sin must be contiguous [max_positions, D]")
+    if positions.dtype != torch.int64 or positions.shape != (n,) or not positions.is_contiguous():
+        raise ValueError("rope_: positions must be a contiguous [N] int64 tensor")
+    # positions are trusted to be < max_positions: the scheduler bounds them by max_model_len
+    library().rope_f32(
+        x.data_ptr(), x.stride(0), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), n, h, d
+    )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from engine import cpu_kernels, cpu_linear
+from engine import cpu_kernels, cpu_layers, cpu_linear
 from engine.attention import AttentionMetadata, PrefillSpan
 from engine.config import EngineConfig
 from engine.kv_cache import TORCH_DTYPES, KVCache
@@ -55,11 +55,13 @@ class ModelRunner:
             cpu_linear.pack_linears(self.model)
             if self.model.lm_head is None:  # tied: a packed copy of the embedding for logits
                 self.model.lm_head = cpu_linear.PackedLinear(self.model.embed_tokens.weight, None)
-        # Decode attention: the C kernel on CPU in float32 (built now, so a missing compiler
-        # fails at start); gather + SDPA for every other device/dtype.
+        # CPU float32: the C kernels (built now, so a missing compiler fails at start) for decode
+        # attention and the elementwise blocks; every other device/dtype runs torch ops and
+        # gather + SDPA decode attention.
         self.decode_kernel = self.device.type == "cpu" and dtype == torch.float32
         if self.decode_kernel:
             cpu_kernels.library()
+            cpu_layers.use_cpu_kernels(self.model)
         self.kv_cache = KVCache(kv_layout_for(config), self.device)
         self.sampler = Sampler(config.model.vocab_size, self.device, config.seed, num_valid_tokens)
 

@@ -42,3 +42,28 @@ def test_paged_decode_attention_rejects_bad_input() -> None:
         )
     with pytest.raises(ValueError, match="one row per query"):
         cpu_kernels.paged_decode_attention(q, pool, pool, tables, lens.repeat(2), 1.0)
+
+
+def test_elementwise_kernels_match_torch_layers() -> None:
+    from engine.layers import RMSNorm, RotaryEmbedding
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 2 * 96, generator=g)[:, :96]  # strided rows, as a split's view
+    norm = RMSNorm(96, 1e-5)
+    norm.weight.data = torch.randn(96, generator=g)
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, norm.weight, 1e-5), norm(x))
+
+    gate_up = torch.randn(37, 2 * 80, generator=g) * 6
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_kernels.silu_mul(gate_up), F.silu(gate) * up)
+
+    rotary = RotaryEmbedding(32, 512, 10000.0, None)
+    qkv = torch.randn(37, 7 * 32, generator=g)
+    q, k = qkv[:, : 4 * 32].view(37, 4, 32), qkv[:, 4 * 32 : 6 * 32].view(37, 2, 32)
+    positions = torch.randint(0, 512, (37,), generator=g)
+    ref_q, ref_k = rotary(positions, q.clone(), k.clone())
+    v_before = qkv[:, 6 * 32 :].clone()
+    cpu_kernels.rope_(q, positions, rotary.cos, rotary.sin)
+    cpu_kernels.rope_(k, positions, rotary.cos, rotary.sin)
+    assert torch.equal(q, ref_q) and torch.equal(k, ref_k)  # same arithmetic, bit for bit
+    assert torch.equal(qkv[:, 6 * 32 :], v_before)  # only q and k were touched
