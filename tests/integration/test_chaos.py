@@ -42,7 +42,7 @@ RATE = 10.0  # requests started per second (open loop)
 CONCURRENCY = 32  # at most this many open at once
 HELD_BACK = 50  # the last requests start only once every kill has happened
 FAULTS_PER_POOL = 2  # kill -9 + restart, each worker of each pool once
-ABORT_FRACTION = 0.1  # requests the client gives up on after a random delay
+ABORT_FRACTION = 0.2  # requests the client gives up on after a random delay
 CLIENT_TIMEOUT_S = 90.0  # a request still open after this long counts as hung
 NUM_BLOCKS = 256
 WORKER_ARGS = ("--num-blocks", str(NUM_BLOCKS), "--max-model-len", "512", "--block-size", "16")
@@ -63,7 +63,8 @@ def make_jobs(rng: random.Random) -> list[Job]:
     for i in range(NUM_REQUESTS):
         tail = [rng.randrange(100, 40000) for _ in range(rng.randrange(3, 60))]
         prompt = (rng.choice(prefixes) + tail) if rng.random() < 0.5 else tail
-        abort = rng.uniform(0.02, 0.6) if rng.random() < ABORT_FRACTION else None
+        # short delays: many aborts land during a prefill or a KV transfer
+        abort = rng.uniform(0.01, 0.5) if rng.random() < ABORT_FRACTION else None
         jobs.append(Job(i, prompt, rng.randrange(16, 96), rng.random() < 0.5, abort))
     return jobs
 
@@ -174,6 +175,7 @@ async def pick_victim(url: str, kind: str, spare: str | None) -> str:
 class Chaos:
     started: int = 0  # requests started
     kills: int = 0
+    fallbacks: float = 0.0  # remote prefills computed on a decode worker, counted before kills
     log: list[str] = field(default_factory=list)
     all_killed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -189,6 +191,9 @@ async def fault_track(cluster: LocalCluster, chaos: Chaos, kind: str, first_afte
     spare: str | None = None
     for _ in range(FAULTS_PER_POOL):
         victim = await pick_victim(cluster.url, kind, spare)
+        if kind == "decode":  # its counters die with it
+            address = cluster.child(victim).address
+            chaos.fallbacks += await asyncio.to_thread(prefill_fallbacks, address)
         await asyncio.to_thread(cluster.kill, victim)
         chaos.note(f"killed {victim}")
         chaos.kills += 1
@@ -255,6 +260,11 @@ def audit(address: str, role: str) -> pb.WorkerLoad:
     return asyncio.run(call())
 
 
+def prefill_fallbacks(address: str) -> float:
+    text = httpx.get(f"http://{load_metrics_address(address)}/metrics", timeout=10).text
+    return metric(text, "tandem_worker_remote_prefill_fallbacks_total")
+
+
 def load_metrics_address(address: str) -> str:
     async def call() -> str:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -300,7 +310,7 @@ def test_chaos(cluster: LocalCluster, tiny_chat_model_dir: Path) -> None:
 
     router_metrics = httpx.get(f"{cluster.url}/metrics", timeout=10).text
     migrated = metric(router_metrics, "tandem_router_migrations_total", outcome="migrated")
-    fallbacks = 0.0  # remote prefills computed on the decode worker (surviving counters only)
+    fallbacks = chaos.fallbacks
     # every worker (restarted ones too) goes idle with balanced, owned blocks
     leaks: list[str] = []
     for child in cluster.children:
@@ -316,8 +326,7 @@ def test_chaos(cluster: LocalCluster, tiny_chat_model_dir: Path) -> None:
                 break
             time.sleep(0.2)
         if role == "decode":
-            text = httpx.get(f"http://{load_metrics_address(child.address)}/metrics").text
-            fallbacks += metric(text, "tandem_worker_remote_prefill_fallbacks_total")
+            fallbacks += prefill_fallbacks(child.address)
         if a.error or not idle or a.num_free + a.num_cached + a.num_used != a.num_total:
             leaks.append(f"{child.name}: {a} running={load.num_running}".replace("\n", " "))
     summary = {
