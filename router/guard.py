@@ -11,11 +11,13 @@ Both answers are in OpenAI's error format.
 from __future__ import annotations
 
 import hmac
+import json
+import re
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from router.errors import PayloadTooLarge, RouterError, Unauthorized
+from router.errors import InvalidRequest, PayloadTooLarge, RouterError, Unauthorized
 
 API_PREFIX = "/v1/"
 
@@ -40,8 +42,8 @@ class Guard:
         headers = {k.lower(): v for k, v in scope["headers"]}
         key = self.api_key if scope["path"].startswith(API_PREFIX) else None
         if key is not None and not bearer_matches(headers.get(b"authorization", b""), key):
-            error = Unauthorized("this API needs `Authorization: Bearer <api key>`")
-            await _refuse(error, scope, receive, send)
+            refusal = Unauthorized("this API needs `Authorization: Bearer <api key>`")
+            await _refuse(refusal, scope, receive, send)
             return
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
@@ -50,6 +52,13 @@ class Guard:
         body = await self._read_body(receive)
         if body is None:
             await _refuse(self._too_large(), scope, receive, send)
+            return
+        if body["type"] == "http.request" and _has_lone_surrogate(body["body"]):
+            error = InvalidRequest(
+                "the body has a lone UTF-16 surrogate escape (\\ud800-\\udfff without its "
+                "pair): not Unicode text"
+            )
+            await _refuse(error, scope, receive, send)
             return
         await self.app(scope, _replay(body, receive), send)
 
@@ -72,6 +81,37 @@ class Guard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(body: bytes) -> bool:
+    """JSON may spell a lone surrogate (`"\\ud800"`); json.loads keeps it in the str, and
+    it breaks every consumer downstream (tokenizer, protobuf, the UTF-8 of our own error
+    messages). Checked only when the escape appears at all (emoji pairs merge into one code
+    point, so they pass); a body that is not JSON is left to the app's own 400."""
+    if not _SURROGATE_ESCAPE.search(body):
+        return False
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return False
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _replay(first: Message, receive: Receive) -> Receive:

@@ -44,8 +44,8 @@ def client(smollm2_dir: Path) -> Iterator[TestClient]:
         yield c
 
 
-def auth(key: str) -> dict[str, bytes]:
-    return {"Authorization": f"Bearer {key}".encode()}  # bytes: httpx would refuse non-ASCII
+def auth(key: str) -> dict[bytes, bytes]:
+    return {b"authorization": f"Bearer {key}".encode()}  # bytes: httpx would refuse non-ASCII
 
 
 BODY = {"model": MODEL, "prompt": "hi", "max_tokens": 4}
@@ -56,8 +56,11 @@ BODY = {"model": MODEL, "prompt": "hi", "max_tokens": 4}
     [{}, auth("wrong"), auth(ADMIN_KEY), {"Authorization": API_KEY}, {"Authorization": "Bearer"},
      {"Authorization": "Basic " + API_KEY}, {"Authorization": b"Bearer \xff\xfe"}],
 )  # fmt: skip
-def test_v1_needs_the_api_key(client: TestClient, headers: dict[str, str | bytes]) -> None:
-    raw = {k: v if isinstance(v, bytes) else v.encode() for k, v in headers.items()}
+def test_v1_needs_the_api_key(client: TestClient, headers: dict[str | bytes, str | bytes]) -> None:
+    raw = {
+        k if isinstance(k, bytes) else k.encode(): v if isinstance(v, bytes) else v.encode()
+        for k, v in headers.items()
+    }
     for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions"),
                          ("POST", "/v1/chat/completions"), ("GET", "/v1/nowhere")]:  # fmt: skip
         response = client.request(method, path, json=BODY, headers=raw)
@@ -94,7 +97,7 @@ def test_body_over_the_limit_is_413(client: TestClient) -> None:
         yield b'"}'
 
     streamed = client.post(
-        "/v1/completions", content=chunks(), headers={**key, "content-type": "application/json"}
+        "/v1/completions", content=chunks(), headers={**key, b"content-type": b"application/json"}
     )
     assert_openai_error(streamed, 413)
     # without the key the body is never read: 401 first
@@ -123,8 +126,11 @@ def test_the_default_max_tokens_is_lowered_to_the_limit_not_refused() -> None:
 
 def test_chat_template_kwargs_cannot_replace_the_template(client: TestClient) -> None:
     key = auth(API_KEY)
-    for kwargs in ({"chat_template": "{{ 7 * 7 }}"}, {"add_generation_prompt": False},
-                   {"messages": []}, {"self": 1}):  # fmt: skip
+    cases: list[dict[str, object]] = [
+        {"chat_template": "{{ 7 * 7 }}"}, {"add_generation_prompt": False}, {"messages": []},
+        {"self": 1},
+    ]  # fmt: skip
+    for kwargs in cases:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                 "chat_template_kwargs": kwargs}  # fmt: skip
         response = client.post("/v1/chat/completions", json=body, headers=key)
@@ -167,3 +173,27 @@ def test_no_healthy_worker_is_not_overload_and_the_limit_can_be_set() -> None:
     admission.charge(slot, "a", 1)
     with pytest.raises(Overloaded):
         admission.open_workers([decode("a", max_num_seqs=100)])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "smol", "prompt": "\\ud800"}',
+        b'{"model": "\\udfff", "prompt": "hi"}',
+        b'{"model": "smol", "prompt": "hi", "stop": ["a\\ud83d"]}',
+        b'{"model": "smol", "messages": [{"role": "user", "content": "x\\udc00y"}]}',
+        b'{"model": "smol", "prompt": "hi", "logit_bias": {"\\ud800": 1}}',
+    ],
+)
+def test_a_lone_surrogate_anywhere_is_400(client: TestClient, body: bytes) -> None:
+    path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+    headers = {**auth(API_KEY), b"content-type": b"application/json"}
+    error = assert_openai_error(client.post(path, content=body, headers=headers), 400)
+    assert "surrogate" in error["message"]
+
+
+def test_surrogate_pairs_and_escaped_backslashes_pass(client: TestClient) -> None:
+    headers = {**auth(API_KEY), b"content-type": b"application/json"}
+    for prompt in (b'"\\ud83d\\ude00"', b'"\\\\ud800"'):  # an emoji; the text \ud800
+        body = b'{"model": "smol", "max_tokens": 1, "prompt": ' + prompt + b"}"
+        assert_openai_error(client.post("/v1/completions", content=body, headers=headers), 503)

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from deploy.local_cluster import ClusterConfig, LocalCluster
@@ -29,6 +29,7 @@ pytestmark = pytest.mark.slow  # worker + router start, then ~2,000 requests: ~6
 NUM_REQUESTS = 2000
 MODEL = "tiny"
 VOCAB = 49152
+LONE_SURROGATE = b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}'
 STATUSES: Counter[int] = Counter()  # every status the router answered, for the summary test
 
 
@@ -248,6 +249,7 @@ def check(response: httpx.Response) -> None:
     ],
 )  # fmt: skip
 @given(request=requests_)
+@example(request=("/v1/chat/completions", LONE_SURROGATE, "application/json"))  # found by it once
 def test_no_request_gets_a_5xx(http: httpx.Client, request: tuple[str, bytes, str]) -> None:
     path, content, content_type = request
     check(http.post(path, content=content, headers={"content-type": content_type}))
