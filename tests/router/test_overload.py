@@ -190,7 +190,8 @@ def test_overload_sheds_keeps_itl_bounded_memory_and_recovers(cluster: LocalClus
     rss_before, rss_peak, rss_after = r.rss_mb
     print(
         f"\noverload: offered {r.rate:.1f} req/s ({OVERLOAD}x the {r.capacity:.1f} req/s "
-        f"of {SLOTS} slots) for {LOAD_S} s: {len(loaded)} requests, statuses "
+        f"of {SLOTS} slots) for {LOAD_S} s: {len(loaded)} requests (achieved "
+        f"{len(loaded) / LOAD_S:.1f} req/s), statuses "
         f"{dict(statuses)}, shed {len(shed) / len(loaded):.0%}; mean ITL alone "
         f"{itl_unloaded * 1e3:.2f} ms, at capacity {itl_capacity * 1e3:.2f} ms, admitted under "
         f"overload {itl_loaded * 1e3:.2f} ms; router RSS {rss_before:.0f} -> peak "
