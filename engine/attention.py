@@ -38,8 +38,9 @@ class AttentionMetadata:
     num_decodes: int  # decode rows (1 new token each) are the first num_decodes tokens
     decode_block_tables: torch.Tensor | None  # [Bd, max_blocks] long (padded)
     decode_seq_lens: torch.Tensor | None  # [Bd] long: context incl. the new token
-    # True: decode rows run engine.cpu_kernels on the pool in place (CPU, float32; mask None);
-    # False: gather + SDPA with decode_mask [Bd, 1, 1, max_blocks * block_size] bool
+    # True (CPU, float32): engine.cpu_kernels writes the new K/V and runs the decode rows'
+    # attention on the pool in place (decode_mask None); False: index_put writes, and decode
+    # rows gather + SDPA with decode_mask [Bd, 1, 1, max_blocks * block_size] bool
     decode_kernel: bool
     decode_mask: torch.Tensor | None
     prefills: tuple[PrefillSpan, ...]
@@ -70,8 +71,11 @@ def paged_attention(
     """
     if isinstance(meta, GpuAttentionMetadata):  # CUDA: Triton kernels on the pool in place
         return attend(q, k, v, k_cache, v_cache, meta)
-    k_cache[meta.slot_blocks, meta.slot_offsets] = k
-    v_cache[meta.slot_blocks, meta.slot_offsets] = v
+    if meta.decode_kernel:
+        cpu_kernels.kv_write(k, v, k_cache, v_cache, meta.slot_blocks, meta.slot_offsets)
+    else:
+        k_cache[meta.slot_blocks, meta.slot_offsets] = k
+        v_cache[meta.slot_blocks, meta.slot_offsets] = v
     out = torch.empty_like(q)
     if meta.num_decodes and meta.decode_kernel:
         assert meta.decode_block_tables is not None and meta.decode_seq_lens is not None

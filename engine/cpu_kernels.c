@@ -185,3 +185,16 @@ void rope_f32(float *x, int64_t token_stride, const int64_t *positions, const fl
         }
     }
 }
+
+/* Write N new tokens' K and V into the pool: token n goes to block slot_blocks[n], offset
+ * slot_offsets[n]. k/v: rows of row_len floats (contiguous), `k_stride`/`v_stride` apart. */
+void kv_write_f32(const float *k, int64_t k_stride, const float *v, int64_t v_stride,
+                  float *k_cache, float *v_cache, int64_t block_stride, int64_t token_stride,
+                  const int64_t *slot_blocks, const int64_t *slot_offsets, int64_t N,
+                  int64_t row_len) {
+    for (int64_t n = 0; n < N; n++) {
+        const int64_t at = slot_blocks[n] * block_stride + slot_offsets[n] * token_stride;
+        memcpy(k_cache + at, k + n * k_stride, sizeof(float) * (size_t)row_len);
+        memcpy(v_cache + at, v + n * v_stride, sizeof(float) * (size_t)row_len);
+    }
+}

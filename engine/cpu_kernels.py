@@ -63,6 +63,9 @@ def library() -> ctypes.CDLL:
     lib.silu_mul_f32.argtypes = [_ptr, _ptr, _i64, _i64]
     lib.rope_f32.restype = None
     lib.rope_f32.argtypes = [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64]
+    lib.kv_write_f32.restype = None
+    lib.kv_write_f32.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64, _ptr, _ptr]
+    lib.kv_write_f32.argtypes += [_i64, _i64]
     return lib
 
 
@@ -162,4 +165,42 @@ def rope_(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torc
     # positions are trusted to be < max_positions: the scheduler bounds them by max_model_len
     library().rope_f32(
         x.data_ptr(), x.stride(0), positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), n, h, d
+    )
+
+
+def kv_write(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_blocks: torch.Tensor,
+    slot_offsets: torch.Tensor,
+) -> None:
+    """k/v [N, Hk, D] (tokens may be strided, each token's [Hk, D] contiguous) into one layer's
+    pool views [num_blocks, block_size, Hk, D] at (slot_blocks[n], slot_offsets[n]), int64 [N].
+    Same effect as `k_cache[slot_blocks, slot_offsets] = k` (and v)."""
+    _check_f32(k, v, k_cache, v_cache)
+    n, hk, d = k.shape
+    if v.shape != k.shape or k_cache.shape[2:] != (hk, d) or k_cache.stride() != v_cache.stride():
+        raise ValueError(f"kv_write: k {tuple(k.shape)}, k_cache {tuple(k_cache.shape)}")
+    for t in (k, v, k_cache):
+        if t.stride()[-2:] != (d, 1):
+            raise ValueError("kv_write: every token's [Hk, D] must be contiguous")
+    for idx in (slot_blocks, slot_offsets):
+        if idx.dtype != torch.int64 or idx.shape != (n,) or not idx.is_contiguous():
+            raise ValueError("kv_write: slot_blocks/slot_offsets must be contiguous [N] int64")
+    # slots are trusted to lie inside the pool: the block manager hands them out
+    library().kv_write_f32(
+        k.data_ptr(),
+        k.stride(0),
+        v.data_ptr(),
+        v.stride(0),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        slot_blocks.data_ptr(),
+        slot_offsets.data_ptr(),
+        n,
+        hk * d,
     )

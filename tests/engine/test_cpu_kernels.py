@@ -67,3 +67,17 @@ def test_elementwise_kernels_match_torch_layers() -> None:
     cpu_kernels.rope_(k, positions, rotary.cos, rotary.sin)
     assert torch.equal(q, ref_q) and torch.equal(k, ref_k)  # same arithmetic, bit for bit
     assert torch.equal(qkv[:, 6 * 32 :], v_before)  # only q and k were touched
+
+
+def test_kv_write_matches_index_put() -> None:
+    g = torch.Generator().manual_seed(5)
+    pool = torch.randn(16, 2, 2, 4, 3, 8, generator=g)
+    ref = pool.clone()
+    kv = torch.randn(6, 5 * 3 * 8, generator=g)  # strided tokens, as the qkv split gives them
+    k, v = kv[:, 24:48].view(6, 3, 8), kv[:, 48:72].view(6, 3, 8)
+    blocks = torch.tensor([3, 3, 9, 0, 15, 7])
+    offsets = torch.tensor([0, 3, 1, 2, 3, 0])
+    cpu_kernels.kv_write(k, v, pool[:, 1, 0], pool[:, 1, 1], blocks, offsets)
+    ref[:, 1, 0][blocks, offsets] = k
+    ref[:, 1, 1][blocks, offsets] = v
+    assert torch.equal(pool, ref)
