@@ -185,9 +185,10 @@ class AsyncEngine:
         try:
             for out in await self.call(admit):
                 stream.put_nowait(out)
-        except BaseException:
+        except BaseException as e:
             self._streams.pop(request_id, None)
-            if self.error is None:  # cancelled while admitting: the admission may still run
+            if not isinstance(e, Exception) and self.error is None:
+                # cancelled while the admission was queued: it still runs, so abort behind it
                 self._commands.put(lambda engine: engine.abort(request_id))
             raise
         return self._drain(request_id, stream)
@@ -200,8 +201,12 @@ class AsyncEngine:
         stream = self._streams[request_id] = asyncio.Queue()
         try:
             await self.call(add)
-        except BaseException:
+        except BaseException as e:
             self._streams.pop(request_id, None)
+            if not isinstance(e, Exception) and self.error is None:
+                # cancelled while the add was queued: it still runs, so abort right behind it
+                # (commands run in order, both before the next step)
+                self._commands.put(lambda engine: engine.abort(request_id))
             raise
         async for out in self._drain(request_id, stream):
             yield out
