@@ -92,8 +92,21 @@ class Bench:
             self.engine.add_request(f"b{self.ids}", p, params)
 
     def _drain(self) -> list[tuple[float, StepStats, int]]:
-        """Step until idle: (seconds, stats, KV tokens read by decode rows) per step."""
+        """Step until idle: (seconds, stats, KV tokens read by decode rows) per step.
+        Also records each step's runner.execute time (inputs + forward + sample + the sync):
+        the rest of a step (schedule, update, outputs) is host work the GPU waits for."""
         steps = []
+        self.execute_s: list[float] = []
+        runner = self.engine.runner
+        execute = type(runner).execute
+
+        def timed(plan: Any) -> Any:
+            t = time.perf_counter()
+            out = execute(runner, plan)
+            self.execute_s.append(time.perf_counter() - t)
+            return out
+
+        runner.execute = timed  # type: ignore[method-assign]
         while self.engine.has_unfinished():
             ctx = sum(
                 r.num_tokens
@@ -106,6 +119,7 @@ class Bench:
             stats = self.engine.last_step_stats
             if stats is not None:
                 steps.append((dt, stats, ctx))
+        del runner.execute  # back to the class's method
         return steps
 
     def prefill(self, length: int) -> dict[str, Any]:
@@ -131,6 +145,14 @@ class Bench:
         # the GPU's share: the batch-1 graph replayed back to back (no host work in between)
         graphs = getattr(self.engine.runner, "graphs", None)
         replay_s = _cuda_time(graphs.graph(1).replay, 50) if graphs is not None else None
+        if graphs is not None:  # where the GPU time of one batch-1 step goes, by kernel
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    graphs.graph(1).replay()
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14), flush=True)
         return {
             "graph_replay_s": replay_s,
             "context": context,
@@ -145,6 +167,9 @@ class Bench:
         t0 = time.perf_counter()
         steps = self._drain()
         total = time.perf_counter() - t0
+        decode_exec = [
+            e for (_, s, _), e in zip(steps, self.execute_s, strict=True) if s.num_prefill_rows == 0
+        ]
         dec = [(dt, s, ctx) for dt, s, ctx in steps if s.num_prefill_rows == 0]
         dec_time = sum(dt for dt, _, _ in dec)
         dec_tokens = sum(s.num_decode_tokens for _, s, _ in dec)
@@ -162,6 +187,10 @@ class Bench:
             "roofline_decode_tok_s": dec_tokens / roof_time,
             "fraction_of_roofline": roof_time / dec_time,
             "median_decode_step_s": statistics.median(dt for dt, _, _ in dec),
+            # host work outside the runner per decode step (schedule + update + outputs)
+            "median_host_outside_runner_s": statistics.median(
+                dt - e for (dt, _, _), e in zip(dec, decode_exec, strict=True)
+            ),
         }
 
 
@@ -271,7 +300,9 @@ def main() -> None:
             r = bench.batch(int(b), ns.isl, ns.osl)
             out["batches"].append(r)
             print(
-                f"batch {b}: {r['output_tok_s']:.0f} tok/s overall, decode {r['decode_tok_s']:.0f}"
+                f"batch {b}: host outside runner {r['median_host_outside_runner_s'] * 1e3:.2f} ms/"
+                f"{r['median_decode_step_s'] * 1e3:.2f} ms; "
+                f"{r['output_tok_s']:.0f} tok/s overall, decode {r['decode_tok_s']:.0f}"
                 f" vs roofline {r['roofline_decode_tok_s']:.0f} = {r['fraction_of_roofline']:.2f}",
                 flush=True,
             )

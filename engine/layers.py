@@ -28,6 +28,21 @@ class RMSNorm(nn.Module):
         if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1:  # one Triton pass, same rounding
             out: torch.Tensor = fused().rms_norm(x, self.weight, self.eps)
             return out
+        return self._forward_torch(x)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the residual add fused with the norm."""
+        if x.is_cuda and x.dim() == 2 and x.stride(-1) == 1 and residual.stride(-1) == 1:
+            out: tuple[torch.Tensor, torch.Tensor] = fused().add_rms_norm(
+                x, residual, self.weight, self.eps
+            )
+            return out
+        s = x + residual
+        return self._forward_torch(s), s
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         # computed in fp32 and cast back, as the reference (HF) implementation does
         dtype = x.dtype
         x32 = x.float()

@@ -50,6 +50,49 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
+def _add_rms_norm_kernel(X, R, W, Out, ResOut, stride_x, stride_r, N, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    dt = Out.dtype.element_ty
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    s = (x + r).to(dt)  # torch: the residual sum is rounded, then normalised
+    tl.store(ResOut + row * N + cols, s, mask=mask)
+    s32 = s.to(tl.float32)
+    var = tl.sum(s32 * s32, 0) / N
+    y = (s32 * (1.0 / tl.sqrt(var + eps))).to(dt)
+    w = tl.load(W + cols, mask=mask)
+    tl.store(Out + row * N + cols, (w.to(tl.float32) * y.to(tl.float32)).to(dt), mask=mask)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual [N, D] -> (rms_norm(x + residual), x + residual), one pass."""
+    n, d = x.shape
+    out = torch.empty((n, d), dtype=x.dtype, device=x.device)
+    res = torch.empty((n, d), dtype=x.dtype, device=x.device)
+    if n:
+        block = triton.next_power_of_2(d)
+        warps = min(16, max(1, block // 256))
+        _add_rms_norm_kernel[(n,)](
+            x,
+            residual,
+            weight,
+            out,
+            res,
+            x.stride(0),
+            residual.stride(0),
+            d,
+            eps,
+            BLOCK=block,
+            num_warps=warps,
+        )
+    return out, res
+
+
+@triton.jit
 def _rope_kernel(
     X,
     Out,

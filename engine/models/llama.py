@@ -81,9 +81,20 @@ class DecoderLayer(nn.Module):
         positions: torch.Tensor,
         meta: AttentionMetadata | GpuAttentionMetadata,
         kv: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, meta, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        residual: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings for layer 0, residual None);
+        residual: the running sum before it. Returns (this MLP's output, the running sum).
+        Same adds in the same order as `x = x + attn(norm(x)); x = x + mlp(norm(x))`, with
+        each add fused into the norm that follows it."""
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.add_forward(x, residual)
+        a = self.self_attn(h, positions, meta, kv)
+        h, residual = self.post_attention_layernorm.add_forward(a, residual)
+        return self.mlp(h), residual
 
 
 class CausalLM(nn.Module):
@@ -107,9 +118,12 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [N] -> final hidden states [N, hidden]."""
         x = self.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, meta, kv_cache.layer(i))
-        return self.norm(x)
+            x, residual = layer(x, positions, meta, kv_cache.layer(i), residual)
+        if residual is None:  # no layers
+            return self.norm(x)
+        return self.norm.add_forward(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [R, hidden] -> logits [R, vocab]."""
