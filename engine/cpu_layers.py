@@ -28,6 +28,13 @@ class CpuRMSNorm(nn.Module):
         """x [N, hidden] -> [N, hidden]."""
         return cpu_kernels.rms_norm(x, self.weight, self.eps)
 
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): RMSNorm.add_forward's contract (llama.py)."""
+        s = x + residual
+        return self.forward(s), s
+
 
 class CpuRotaryEmbedding(nn.Module):
     def __init__(self, rotary: RotaryEmbedding) -> None:
