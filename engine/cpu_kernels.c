@@ -27,10 +27,11 @@ static inline float exp_f32(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     const float y = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return y * scale;
+    union {
+        int32_t i;
+        float f;
+    } scale = {.i = ((int32_t)n + 127) << 23}; /* 2^n */
+    return y * scale.f;
 }
 
 /* Decode attention (one new query token per row) read in place from the paged KV pool.
@@ -157,9 +158,9 @@ void rms_norm_f32(const float *x, int64_t x_stride, const float *weight, float *
 /* gate_up [N, 2I] contiguous (gate then up) -> out [N, I]: silu(gate) * up */
 void silu_mul_f32(const float *gate_up, float *out, int64_t N, int64_t I) {
     for (int64_t n = 0; n < N; n++) {
-        const float *g = gate_up + n * 2 * I;
-        const float *u = g + I;
-        float *o = out + n * I;
+        const float *restrict g = gate_up + n * 2 * I;
+        const float *restrict u = gate_up + n * 2 * I + I;
+        float *restrict o = out + n * I;
 #pragma omp simd
         for (int64_t i = 0; i < I; i++) o[i] = g[i] / (1.0f + exp_f32(-g[i])) * u[i];
     }
