@@ -6,9 +6,14 @@
 A sink process (decode side) and a source process (prefill side) each own a KVCache. For every
 token count the request's blocks are scattered over both pools (random, non-contiguous ids), so
 every block is its own descriptor. Latency is measured inside the children on the system-wide
-monotonic clock: from the source's send() call to the sink observing KVLanded (the claim round
-trip, the write, the notification and the sink's wake-up are all in it). The first transfer of
-each size is a warm-up and is checked byte for byte on a sample of blocks.
+monotonic clock: from the source's send() call to the sink observing KVLanded (the write, the
+notification and the sink's wake-up are all in it). The first transfer of each size is a warm-up
+and is checked byte for byte on a sample of blocks.
+
+--claim early (the default, what prefill_worker does): the source claims the lease with
+KVSource.prepare() when the handle arrives, i.e. while prefill computes, and the timed send()
+needs no round trip; the claim's own round trip is reported apart (claim_ms). --claim late:
+send() claims, and the round trip is inside the latency (the measure before early claims).
 
 --mode staged measures the alternative to many descriptors: the source packs its scattered
 blocks into a contiguous staging range, ships one run, and the sink unpacks it; the pack and
@@ -105,9 +110,9 @@ def _child(
         for method in spent if nixl is not None else []:
             setattr(nixl, method, _stopwatch(getattr(nixl, method), spent, method))
 
-        def timed_post(agent: str, generation: int, runs: list[Any]) -> object:
+        def timed_post(agent: str, generation: int, src: Any, dst: Any) -> object:
             t0 = time.monotonic()
-            op = post(agent, generation, runs)
+            op = post(agent, generation, src, dst)
             t1 = time.monotonic()
             posts[generation] = (t0, t1, spent["initialize_xfer"], spent["transfer"])
             return op
@@ -160,6 +165,19 @@ def _child(
                 "staging": cmd["block_ids"][0],
             }
             return {"handle": h.to_wire()}
+        if op == "prepare":  # claim now and wait for the grant (prefill would compute meanwhile)
+            handle = KVHandle.from_wire(cmd["handle"])
+            t0 = time.monotonic()
+            endpoint.prepare(handle)
+            while True:
+                peer = endpoint._peers.get(handle.sink_address)
+                s = peer.sends.get(handle.generation) if peer is not None else None
+                if s is None or s.stage.value == "granted":
+                    break
+                on_events(endpoint.poll(0.0002))
+            if s is None:
+                raise RuntimeError(f"claim of {handle.transfer_id} failed")
+            return {"claim_s": time.monotonic() - t0}
         if op == "send":
             t0 = time.monotonic()
             src = cmd["src"]
@@ -277,6 +295,7 @@ class Row:
     post_returned_ms: list[float]
     in_initialize_xfer_ms: list[float]
     in_transfer_ms: list[float]
+    claim_ms: list[float]
     verified: bool
 
     def summary(self) -> dict[str, Any]:
@@ -297,21 +316,29 @@ class Row:
             "post_returned_ms_median": statistics.median(self.post_returned_ms),
             "in_initialize_xfer_ms_median": statistics.median(self.in_initialize_xfer_ms),
             "in_transfer_ms_median": statistics.median(self.in_transfer_ms),
+            "claim_ms_median": statistics.median(self.claim_ms) if self.claim_ms else None,
             "verified_byte_for_byte": self.verified,
             "repeats": len(lat),
         }
 
 
 def _one(
-    sink: _Peer, source: _Peer, tid: str, src: list[int], dst: list[int], staging: int | None
-) -> tuple[float, float]:
+    sink: _Peer,
+    source: _Peer,
+    tid: str,
+    src: list[int],
+    dst: list[int],
+    staging: int | None,
+    early_claim: bool,
+) -> dict[str, float]:
     if staging is None:
         handle = sink.call("expect", tid=tid, block_ids=dst)["handle"]
-        t_send = source.call("send", tid=tid, handle=handle, src=src)["t_send"]
     else:
         landing = list(range(staging, staging + len(dst)))
         handle = sink.call("expect", tid=tid, block_ids=landing, unpack_to=dst)["handle"]
-        t_send = source.call("send", tid=tid, handle=handle, src=src, pack_at=staging)["t_send"]
+    claim_s = source.call("prepare", handle=handle)["claim_s"] if early_claim else float("nan")
+    pack = {} if staging is None else {"pack_at": staging}
+    t_send = source.call("send", tid=tid, handle=handle, src=src, **pack)["t_send"]
     landed, done = sink.wait_result(tid), source.wait_result(tid)
     if not (landed["ok"] and done["ok"]):
         raise RuntimeError(f"{tid} failed: sink {landed['what']}, source {done['what']}")
@@ -324,6 +351,7 @@ def _one(
         "post_returned": (p1 - t_send) * 1e3 if p1 else float("nan"),
         "in_initialize_xfer": in_init * 1e3,  # ms inside post() (nixl only)
         "in_transfer": in_transfer * 1e3,
+        "claim": claim_s * 1e3,  # prepare() to the grant, before send() (early claims only)
     }
 
 
@@ -347,6 +375,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.progress_interval_us is None
         else args.progress_interval_us * 1e-6,
         "sgl": None if args.nixl_sgl is None else bool(args.nixl_sgl),
+        "prepped": None if args.nixl_prepped is None else bool(args.nixl_prepped),
     }
     if args.backend == "nixl":
         options["tuning"] = {k: v for k, v in overrides.items() if v is not None}
@@ -360,12 +389,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for mode in modes:
             for n_tokens in tokens:
                 n = math.ceil(n_tokens / block_size)
-                row = Row(mode, n_tokens, n, 0, 0, [], [], [], [], [], [], [], False)
+                row = Row(mode, n_tokens, n, 0, 0, [], [], [], [], [], [], [], [], False)
                 for rep in range(1 + args.repeat):
                     src = _pick(rng, scatter_blocks, n, args.block_runs)
                     dst = _pick(rng, scatter_blocks, n, args.block_runs)
                     tid = f"{mode}-{n_tokens}-{rep}"
-                    times = _one(sink, source, tid, src, dst, staging if mode == "staged" else None)
+                    staged = staging if mode == "staged" else None
+                    times = _one(sink, source, tid, src, dst, staged, args.claim == "early")
                     if rep == 0:  # warm-up: connection wire-up; check the bytes
                         sample = rng.choice(n, min(n, 16), replace=False).tolist()
                         row.verified = (
@@ -380,6 +410,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row.post_returned_ms.append(times["post_returned"])
                     row.in_initialize_xfer_ms.append(times["in_initialize_xfer"])
                     row.in_transfer_ms.append(times["in_transfer"])
+                    if args.claim == "early":
+                        row.claim_ms.append(times["claim"])
                 from kv_transfer.transport import paired_runs
 
                 row.num_descriptors = 1 if mode == "staged" else len(paired_runs(src, dst))
@@ -398,6 +430,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "source_device": source_dev,
         "sink_device": sink_dev,
         "scatter": _scatter_text(args.block_runs),
+        "claim": args.claim,
         "nixl_tuning_overrides": options.get("tuning", {}),
         "ucx_env": {k: v for k, v in os.environ.items() if k.startswith(("UCX_", "NIXL_"))},
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus",
@@ -443,7 +476,8 @@ def _line(r: dict[str, Any]) -> str:
         f"{r['mode']:>6} {r['tokens']:>6} tok {r['bytes'] / 2**20:8.1f} MiB "
         f"{r['descriptors']:>5} desc  latency median {r['latency_ms']['median']:8.2f} ms "
         f"(min {r['latency_ms']['min']:.2f})  {r['bandwidth_gib_s']['median']:6.2f} GiB/s "
-        f"(best {r['bandwidth_gib_s']['best']:.2f})  claim seen {r['claim_seen_ms_median']:.2f}, "
+        f"(best {r['bandwidth_gib_s']['best']:.2f})  claim seen {r['claim_seen_ms_median']:.2f} "
+        f"(early claim {r['claim_ms_median'] or float('nan'):.2f}), "
         f"post called/returned "
         f"{r['post_called_ms_median']:.2f}/{r['post_returned_ms_median']:.2f} ms (NIXL init "
         f"{r['in_initialize_xfer_ms_median']:.2f}, transfer {r['in_transfer_ms_median']:.2f}), "
@@ -485,6 +519,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--nixl-sgl", type=int, choices=[0, 1], default=None, help="UCX scatter-gather offload"
+    )
+    p.add_argument(
+        "--nixl-prepped",
+        type=int,
+        choices=[0, 1],
+        default=None,
+        help="NIXL prepared descriptor lists (make_prepped_xfer by block index)",
+    )
+    p.add_argument(
+        "--claim",
+        default="early",
+        choices=["early", "late"],
+        help="early: prepare() claims before the timed send (as prefill_worker does); "
+        "late: send() claims (the round trip is in the latency)",
     )
     p.add_argument(
         "--block-runs",

@@ -196,9 +196,10 @@ class KVSink(Protocol):
         is unknown or already finished is ignored."""
         ...
 
-    def poll(self, timeout_s: float = 0.0) -> list[SinkEvent]:
+    def poll(self, timeout_s: float = 0.0, wakeup_fd: int | None = None) -> list[SinkEvent]:
         """Run the control channel, the transport and the lease clock; return events as soon as
-        there are any, or [] after `timeout_s`. Sleeps in select(), never spins."""
+        there are any, or [] after `timeout_s`, or once `wakeup_fd` (the caller's; it drains
+        it) is readable. Sleeps in select(), never spins."""
         ...
 
     def close(self) -> None: ...
@@ -215,14 +216,27 @@ class KVSource(Protocol):
         HandshakeFailed or PeerLost."""
         ...
 
+    def prepare(self, handle: KVHandle) -> None:
+        """Claim the transfer now, while the KV is still being computed, so that send() posts
+        without a round trip. The grant lasts until the lease ends: a lease lost meanwhile
+        fails the later send() (its one SendFailed); a transfer that will not be sent must be
+        cancel()ed. Raises ValueError for a transfer already in flight."""
+        ...
+
+    def cancel(self, handle: KVHandle) -> None:
+        """Give up a prepared transfer before send(): the sink frees its blocks. No event.
+        Raises ValueError once send() was called."""
+        ...
+
     def send(self, handle: KVHandle, src_block_ids: Sequence[int]) -> None:
         """Start writing `src_block_ids` (same count as handle.block_ids, pairwise) into the
         sink. The source blocks must not change until this transfer's SendDone/SendFailed.
         Raises ValueError for a malformed call; every other outcome is an event."""
         ...
 
-    def poll(self, timeout_s: float = 0.0) -> list[SourceEvent]:
-        """Drive handshakes, claims and transfers; return events as soon as there are any."""
+    def poll(self, timeout_s: float = 0.0, wakeup_fd: int | None = None) -> list[SourceEvent]:
+        """Drive handshakes, claims and transfers; return events as soon as there are any, or
+        once `wakeup_fd` is readable (see KVSink.poll)."""
         ...
 
     def close(self) -> None: ...

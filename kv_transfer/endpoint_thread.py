@@ -2,14 +2,17 @@
 
 Sinks and sources are single-threaded and poll-driven. A worker's gRPC handlers live on an
 asyncio loop and its engine on another thread, so each endpoint gets this thread: commands
-(expect, abort, send) are queued to it and run between polls; events resolve per-transfer
-futures on the event loop. The poll timeout bounds command latency (POLL_S) and idles in
-select(), so an idle endpoint costs nothing measurable.
+(expect, abort, prepare, send, cancel) are queued to it and run between polls; events resolve
+per-transfer futures on the event loop. A command also writes a byte into a pipe that the poll
+selects on, so it runs at once (a send() after prefill is on the request's critical path), not
+at the next poll timeout; an idle endpoint sleeps in select() and costs nothing measurable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
@@ -26,7 +29,7 @@ from kv_transfer.base import (
     SendFailed,
 )
 
-POLL_S = 0.002  # upper bound on the extra latency of a queued command
+POLL_S = 0.05  # idle poll timeout; commands wake the thread through the pipe at once
 T = TypeVar("T")
 E = TypeVar("E", KVSink, KVSource)
 
@@ -36,11 +39,17 @@ class _EndpointThread(Generic[E]):
         self.endpoint: E = endpoint
         self.loop = loop
         self._commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()  # one byte per queued command (or more: coalesced)
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while True:
+            with contextlib.suppress(BlockingIOError):  # drained before the queue: no lost wake
+                while os.read(self._wake_r, 4096):
+                    pass
             while True:
                 try:
                     command = self._commands.get_nowait()
@@ -50,7 +59,7 @@ class _EndpointThread(Generic[E]):
                     self.endpoint.close()
                     return
                 command()
-            self._dispatch(self.endpoint.poll(timeout_s=POLL_S))
+            self._dispatch(self.endpoint.poll(timeout_s=POLL_S, wakeup_fd=self._wake_r))
 
     def _dispatch(self, events: Sequence[object]) -> None:
         raise NotImplementedError
@@ -66,12 +75,20 @@ class _EndpointThread(Generic[E]):
             else:
                 self.loop.call_soon_threadsafe(_resolve, future, result)
 
-        self._commands.put(command)
+        self._put(command)
         return await future
 
+    def _put(self, command: Callable[[], None] | None) -> None:
+        self._commands.put(command)
+        with contextlib.suppress(BlockingIOError):  # pipe full: it is readable anyway
+            os.write(self._wake_w, b"\0")
+
     def close(self) -> None:
-        self._commands.put(None)
+        self._put(None)
         self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
 
 class SinkThread(_EndpointThread[KVSink]):
@@ -147,6 +164,14 @@ class SourceThread(_EndpointThread[KVSource]):
     def __init__(self, source: KVSource, loop: asyncio.AbstractEventLoop) -> None:
         self._sends: dict[tuple[str, int], asyncio.Future[SendDone | SendFailed]] = {}
         super().__init__(source, loop, "kv-source")
+
+    async def prepare(self, handle: KVHandle) -> None:
+        """Claim now (see KVSource.prepare); call it when prefill starts, then send() or
+        cancel(). Raises ValueError as KVSource.prepare does."""
+        await self._call(lambda: self.endpoint.prepare(handle))
+
+    async def cancel(self, handle: KVHandle) -> None:
+        await self._call(lambda: self.endpoint.cancel(handle))
 
     async def send(self, handle: KVHandle, src_block_ids: Sequence[int]) -> SendDone | SendFailed:
         key = (handle.transfer_id, handle.generation)

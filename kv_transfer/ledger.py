@@ -40,7 +40,10 @@ class Transfer:
     deadline: float  # lease end, monotonic seconds
     phase: Phase = Phase.EXPECTED
     peer: str | None = None  # agent name of the source that claimed it
-    segments: tuple[int, ...] = ()  # blocks per message, as claimed (ucx receives by segment)
+    # The claiming source announced its write is being posted: a one-sided transport must now
+    # progress (receive the landing notification). A claim may come long before the write
+    # (claimed when prefill starts), and the sink should sleep in between.
+    writing: bool = False
     reason: ReleaseReason | None = None
     source_quiet_at: float | None = None  # from then on the source cannot write any more
     transport_quiet: bool = True  # no local receive into block_ids in flight
@@ -80,6 +83,11 @@ class SinkLedger:
         """Granted or fencing: a source may be writing (one-sided transports need progress)."""
         return sum(t.phase is not Phase.EXPECTED for t in self._by_id.values())
 
+    @property
+    def num_writing(self) -> int:
+        """Claimed transfers whose source said its write is being posted."""
+        return sum(t.writing for t in self._by_id.values())
+
     def held_blocks(self) -> frozenset[int]:
         return frozenset(self._held)
 
@@ -117,10 +125,10 @@ class SinkLedger:
         self._held.update(ids)
         return transfer
 
-    def claim(
-        self, generation: int, peer: str, segments: Sequence[int], now: float
-    ) -> tuple[Transfer | None, str]:
-        """Grant `peer` the right to write; returns (transfer, "") or (None, why not)."""
+    def claim(self, generation: int, peer: str, now: float) -> tuple[Transfer | None, str]:
+        """Grant `peer` the right to write until the transfer lands or is lost (lease expiry,
+        abort); returns (transfer, "") or (None, why not). A source may claim as soon as it has
+        the handle, long before it writes: the grant is what fences, not the write's timing."""
         t = self._by_gen.get(generation)
         if t is None:
             return None, "unknown generation (expired, aborted, finished or never issued)"
@@ -128,10 +136,14 @@ class SinkLedger:
             return None, f"transfer {t.transfer_id!r} is {t.phase.value}, not open for a claim"
         if now >= t.deadline:
             return None, f"lease of {t.transfer_id!r} expired"
-        if not segments or min(segments) < 1 or sum(segments) != t.num_blocks:
-            return None, f"segments {list(segments)[:8]} do not cover {t.num_blocks} blocks"
-        t.phase, t.peer, t.segments = Phase.GRANTED, peer, tuple(segments)
+        t.phase, t.peer = Phase.GRANTED, peer
         return t, ""
+
+    def writing(self, generation: int, peer: str) -> None:
+        """The grantee says it is posting its write (a hint for progress; fencing needs none)."""
+        t = self._by_gen.get(generation)
+        if t is not None and t.peer == peer and t.phase is not Phase.EXPECTED:
+            t.writing = True
 
     def landed(self, generation: int, peer: str, num_bytes: int) -> list[SinkEvent]:
         """The transport says all of (generation)'s data is in place; only a granted transfer

@@ -6,9 +6,11 @@ the source's, it only receives notifications from it.
 
 No progress thread (it busy-polls a core: NIXL hard-codes pthrDelay=0). So the passive sink must
 call into NIXL for wire-up and to receive notifications: it does so every `progress_interval_s`
-while a granted write may be in flight, and not at all otherwise. That tick bounds the latency
-the sink adds to a landing; 0.2 ms (DRAM) costs ~5 k wakeups/s and 20 us (VRAM, where a write
-lasts about a millisecond) ~50 k/s, only while writes run. See NixlTuning / default_tuning.
+while a granted transfer's source has said `write` (it posts right after), and not at all
+otherwise (a claim made when prefill starts may wait a whole prefill for its write). That
+tick bounds the latency the sink adds to a landing; 0.2 ms (DRAM) costs ~5 k wakeups/s and
+20 us (VRAM, where a write lasts about a millisecond) ~50 k/s, only while writes run. See
+NixlTuning / default_tuning.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from kv_transfer.base import BackendUnavailable, HandshakeFailed, PeerLost, Tran
 from kv_transfer.ledger import SinkLedger
 from kv_transfer.sink import Sink
 from kv_transfer.source import Source
-from kv_transfer.transport import Arrival, PoolInfo, Run
+from kv_transfer.transport import Arrival, PoolInfo
 
 try:
     import nixl_cu13._bindings as nixl_bindings
@@ -55,6 +57,10 @@ class NixlTuning:
     split_batch_size: int = 1024
     progress_interval_s: float = 2e-4
     sgl: bool = False  # UCX scatter-gather offload: a WRITE's descriptors go out as one list
+    # Prepared descriptor lists: one descriptor per block of each pool, prepared once (ours at
+    # start, a sink's at its handshake); a WRITE then names blocks by index (make_prepped_xfer)
+    # instead of NIXL building, checking and looking up fresh descriptors on every post.
+    prepped: bool = False
 
 
 def default_tuning(memory: str) -> NixlTuning:
@@ -98,6 +104,13 @@ def _register(agent: Any, pool: PoolInfo) -> Any:
     return agent.register_memory(region, pool.memory)
 
 
+def _prep_blocks(agent: Any, owner: str, pool: PoolInfo) -> Any:
+    """A prepared list of one descriptor per block of `pool` (owner: a remote agent's name or
+    NIXL_INIT_AGENT for ours), in the strided form: one row says num_blocks x block_bytes."""
+    row = [pool.base_address, pool.block_bytes, pool.device_id, pool.block_bytes, pool.num_blocks]
+    return agent.prep_xfer_dlist(owner, np.array([row], dtype=np.uint64), pool.memory)
+
+
 class NixlSinkTransport:
     one_sided = True
 
@@ -123,7 +136,7 @@ class NixlSinkTransport:
         return arrivals
 
     def wait_spec(self, ledger: SinkLedger) -> tuple[list[int], float | None]:
-        return [], self._tick if ledger.num_claimed else None
+        return [], self._tick if ledger.num_writing else None
 
     def peer_gone(self, agent: str) -> None:
         pass  # we never loaded its metadata
@@ -145,6 +158,9 @@ class NixlSourceTransport:
         self._registration = _register(self._agent, self._pool)
         self._tick = tuning.progress_interval_s
         self._remotes: dict[str, PoolInfo] = {}
+        self._prepped = tuning.prepped
+        self._local_dlist = _prep_blocks(self._agent, "", self._pool) if self._prepped else None
+        self._remote_dlists: dict[str, Any] = {}  # by agent, when prepped
 
     def describe(self) -> dict[str, Any]:
         return {}
@@ -159,35 +175,69 @@ class NixlSourceTransport:
         if name != agent or remote.block_bytes != self._pool.block_bytes:
             raise HandshakeFailed(f"sink {agent} sent metadata of {name} / a different block size")
         self._remotes[agent] = remote
+        if self._prepped:
+            try:
+                self._remote_dlists[agent] = _prep_blocks(self._agent, agent, remote)
+            except _NIXL_ERRORS as e:
+                self.remove_peer(agent)
+                raise HandshakeFailed(f"cannot prepare {agent}'s blocks: {e}") from e
 
     def remove_peer(self, agent: str) -> None:
+        dlist = self._remote_dlists.pop(agent, None)
+        if dlist is not None:
+            with contextlib.suppress(*_NIXL_ERRORS):
+                self._agent.release_dlist_handle(dlist)
         if self._remotes.pop(agent, None) is not None:
             with contextlib.suppress(*_NIXL_ERRORS):  # already disconnected: nothing to tear down
                 self._agent.remove_remote_agent(agent)
 
-    def post(self, agent: str, generation: int, runs: list[Run]) -> _Op:
+    def post(self, agent: str, generation: int, src: np.ndarray, dst: np.ndarray) -> _Op:
         remote = self._remotes[agent]
-        r = np.asarray(runs, dtype=np.uint64).reshape(-1, 3)  # [num_runs, (src, dst, n)]
-        if int((r[:, 1] + r[:, 2]).max()) > remote.num_blocks:
+        if int(dst.max()) >= remote.num_blocks or int(dst.min()) < 0:
             raise TransferFailed(f"destination blocks beyond {agent}'s pool of {remote.num_blocks}")
-        bb = np.uint64(self._pool.block_bytes)
-        local = np.stack([self._pool.base_address + r[:, 0] * bb, r[:, 2] * bb, r[:, 2] * 0], 1)
-        dest = np.stack([remote.base_address + r[:, 1] * bb, r[:, 2] * bb, r[:, 2] * 0], 1)
-        local[:, 2], dest[:, 2] = self._pool.device_id, remote.device_id
+        notif = _NOTIF_PREFIX + str(generation).encode()
         try:
-            handle = self._agent.initialize_xfer(
-                "WRITE",
-                self._agent.get_xfer_descs(local, self._pool.memory),
-                self._agent.get_xfer_descs(dest, remote.memory),
-                agent,
-                _NOTIF_PREFIX + str(generation).encode(),
-            )
+            if self._prepped:  # blocks by index; NIXL merges neighbours itself
+                handle = self._agent.make_prepped_xfer(
+                    "WRITE",
+                    self._local_dlist,
+                    src.astype(np.int32),
+                    self._remote_dlists[agent],
+                    dst.astype(np.int32),
+                    notif,
+                )
+            else:
+                local, dest = self._descriptors(remote, src, dst)
+                handle = self._agent.initialize_xfer(
+                    "WRITE",
+                    self._agent.get_xfer_descs(local, self._pool.memory),
+                    self._agent.get_xfer_descs(dest, remote.memory),
+                    agent,
+                    notif,
+                )
             state = self._agent.transfer(handle)
         except _NIXL_ERRORS as e:
             raise _failure(agent, e) from e
         if state == "ERR":
             raise TransferFailed(f"NIXL refused the WRITE to {agent}")
         return _Op(handle, state == "DONE")
+
+    def _descriptors(
+        self, remote: PoolInfo, src: np.ndarray, dst: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """[num_runs, (address, bytes, device)] for both sides: blocks consecutive on both
+        sides coalesce into one descriptor (transport.paired_runs, vectorized)."""
+        starts = np.flatnonzero(np.concatenate(([True], (np.diff(src) != 1) | (np.diff(dst) != 1))))
+        n = np.diff(np.append(starts, len(src))).astype(np.uint64)
+        bb = np.uint64(self._pool.block_bytes)
+        local = np.empty((len(starts), 3), dtype=np.uint64)
+        local[:, 0] = self._pool.base_address + src[starts].astype(np.uint64) * bb
+        local[:, 1] = n * bb
+        local[:, 2] = self._pool.device_id
+        dest = local.copy()
+        dest[:, 0] = remote.base_address + dst[starts].astype(np.uint64) * bb
+        dest[:, 2] = remote.device_id
+        return local, dest
 
     def check(self, op: object) -> bool:
         assert isinstance(op, _Op)
@@ -217,6 +267,8 @@ class NixlSourceTransport:
     def close(self) -> None:
         for agent in list(self._remotes):
             self.remove_peer(agent)
+        if self._local_dlist is not None:
+            self._agent.release_dlist_handle(self._local_dlist)
         self._agent.deregister_memory(self._registration)
 
 

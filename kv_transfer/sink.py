@@ -98,14 +98,16 @@ class Sink:
         if fenced is not None:
             self._tell_abort(fenced)
 
-    def poll(self, timeout_s: float = 0.0) -> list[SinkEvent]:
+    def poll(self, timeout_s: float = 0.0, wakeup_fd: int | None = None) -> list[SinkEvent]:
         deadline = time.monotonic() + timeout_s
         while True:
             self._service()
             now = time.monotonic()
             if self._events or now >= deadline:
                 break
-            self._wait(deadline, now)
+            if self._wait(deadline, now, wakeup_fd):
+                self._service()
+                break
         events, self._events = self._events, []
         return events
 
@@ -146,7 +148,8 @@ class Sink:
             self._tell_abort(t)
         self._events += self._ledger.release_ready(now)
 
-    def _wait(self, deadline: float, now: float) -> None:
+    def _wait(self, deadline: float, now: float, wakeup_fd: int | None) -> bool:
+        """Sleep until something to do; True if wakeup_fd became readable."""
         fds, tick = self._transport.wait_spec(self._ledger)
         wake = min(deadline, self._ledger.next_wakeup(now) or deadline)
         timeout = max(0.0, wake - now)
@@ -155,7 +158,10 @@ class Sink:
         conns = [*self._fresh, *self._peers.values()]
         writers = [c for c in conns if c.wants_write]
         readers = [self._listener.fileno(), *(c.fileno() for c in conns), *fds]
-        select.select(readers, [c.fileno() for c in writers], [], timeout)
+        if wakeup_fd is not None:
+            readers.append(wakeup_fd)
+        ready = select.select(readers, [c.fileno() for c in writers], [], timeout)[0]
+        return wakeup_fd is not None and wakeup_fd in ready
 
     def _accept(self) -> None:
         while True:
@@ -232,14 +238,13 @@ class Sink:
         op, now = msg["op"], time.monotonic()
         generation = require(msg, "gen", int)
         if op == "claim":
-            segments = require(msg, "segments", list)
-            if not all(isinstance(n, int) for n in segments):
-                raise ConnectionClosed(f"claim with non-integer segments: {segments[:8]!r}")
-            t, why = self._ledger.claim(generation, agent, segments, now)
+            t, why = self._ledger.claim(generation, agent, now)
             if t is not None and t.transfer_id != msg.get("tid"):
                 t, why = None, "transfer id does not match the generation"
             reply = {"op": "grant"} if t is not None else {"op": "deny", "reason": why}
             conn.send({**reply, "tid": msg.get("tid"), "gen": generation})
+        elif op == "write":
+            self._ledger.writing(generation, agent)
         elif op == "ack":
             self._events += self._ledger.source_quiet(generation, agent, None, now)
         elif op == "failed":

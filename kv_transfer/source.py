@@ -1,9 +1,11 @@
 """Source: the prefill side of KV transfer over any SourceTransport (see base.KVSource).
 
-A send goes queued (handshake pending) -> claimed (waiting for the sink's grant) -> posted (the
-transport writes) -> SendDone / SendFailed. The claim round trip is what makes one-sided writes
-safe: nothing is written before the sink has checked the generation and the lease, and once an
-abort arrives the source acks only after its write is over (never while it may still land).
+A transfer goes queued (handshake pending) -> claimed (waiting for the sink's grant) -> granted
+(may write; waiting for send()'s blocks) -> posted (the transport writes) -> SendDone /
+SendFailed. The claim round trip is what makes one-sided writes safe: nothing is written before
+the sink has checked the generation and the lease, and once an abort arrives the source acks
+only after its write is over (never while it may still land). prepare() claims as soon as the
+handle arrives (prefill starting), so the round trip overlaps compute and send() posts at once.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import select
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from engine.kv_cache import KVCache
 from kv_transfer.base import (
@@ -29,7 +33,7 @@ from kv_transfer.base import (
     TransferFailed,
     check_layouts,
 )
-from kv_transfer.transport import Run, SourceTransport, paired_runs
+from kv_transfer.transport import SourceTransport
 from kv_transfer.wire import (
     PROTOCOL_VERSION,
     Connection,
@@ -47,15 +51,16 @@ log = logging.getLogger(__name__)
 class _Stage(enum.Enum):
     QUEUED = "queued"  # the peer's handshake is not done yet
     CLAIMED = "claimed"  # claim sent, no grant yet
+    GRANTED = "granted"  # the sink granted the claim; send() has not given the blocks yet
     POSTED = "posted"  # the transport may be writing
 
 
 @dataclass(slots=True)
 class _Send:
     handle: KVHandle
-    runs: list[Run]
-    num_bytes: int
-    started: float
+    dst: np.ndarray  # handle.block_ids as int64, built once (prepare() is off the hot path)
+    src: np.ndarray | None = None  # set by send(); None while only prepared
+    started: float = 0.0  # when send() was called
     stage: _Stage = _Stage.QUEUED
     op: object | None = None
     abort_reason: str | None = None  # the sink aborted while we were writing
@@ -92,6 +97,8 @@ class Source:
         self._zombies: list[tuple[object, str, int]] = []
         self._failures: dict[str, KVTransferError] = {}  # why a sink address was dropped
         self._events: list[SourceEvent] = []
+        # Prepared transfers that failed before send(): (sink address, generation) -> why.
+        self._doomed: dict[tuple[str, int], KVTransferError] = {}
 
     @property
     def agent_name(self) -> str:
@@ -111,27 +118,72 @@ class Source:
             self._service()
             if sink_address not in self._peers:
                 raise self._failures.pop(sink_address, PeerLost(f"sink {sink_address} gone"))
-            self._wait(deadline)
+            self._wait(deadline, None)
+
+    def prepare(self, handle: KVHandle) -> None:
+        """Claim the transfer now (handshake first if needed) so that send() needs no round
+        trip. Outcomes wait for send() (its one event) or are dropped by cancel(); a grant holds
+        until the lease ends, and a lease lost meanwhile fails the later send()."""
+        self._add(handle, None)
 
     def send(self, handle: KVHandle, src_block_ids: Sequence[int]) -> None:
-        src = [int(b) for b in src_block_ids]
-        runs = paired_runs(src, handle.block_ids)  # raises on a count mismatch
-        if not src or len(set(src)) != len(src):
-            raise ValueError("send() needs distinct source block ids")
-        if not all(0 <= b < self.layout.num_blocks for b in src):
+        # On the critical path (after prefill): numpy, one sort for all three checks.
+        src = np.asarray(src_block_ids, dtype=np.int64)
+        if src.ndim != 1 or len(src) != len(handle.block_ids) or not len(src):
+            raise ValueError(f"{len(src)} source blocks for {len(handle.block_ids)} slots")
+        ordered = np.sort(src)
+        if ordered[0] < 0 or ordered[-1] >= self.layout.num_blocks:
             raise ValueError(f"source block ids outside the pool of {self.layout.num_blocks}")
+        if not np.all(ordered[1:] != ordered[:-1]):
+            raise ValueError("send() needs distinct source block ids")
+        key = (handle.sink_address, handle.generation)
+        if key in self._doomed:  # prepared, then lost before send(): report it now
+            error = self._doomed.pop(key)
+            self._events.append(SendFailed(handle.transfer_id, handle.generation, error))
+            return
+        peer = self._peers.get(handle.sink_address)
+        s = peer.sends.get(handle.generation) if peer is not None else None
+        if s is None or (s.handle is not handle and s.handle != handle):
+            self._add(handle, src)  # claims; posts on the grant
+            return
+        if s.src is not None:
+            raise ValueError(
+                f"transfer {handle.transfer_id!r} gen {handle.generation} is in flight"
+            )
+        s.src, s.started = src, time.monotonic()
+        if peer is not None and s.stage is _Stage.GRANTED:
+            self._post(peer, s)
+
+    def cancel(self, handle: KVHandle) -> None:
+        """Drop a prepared transfer that will not be sent (prefill failed); the sink is told so
+        and frees its blocks. Raises ValueError once send() was called for it."""
+        key = (handle.sink_address, handle.generation)
+        if self._doomed.pop(key, None) is not None:
+            return
+        peer = self._peers.get(handle.sink_address)
+        s = peer.sends.get(handle.generation) if peer is not None else None
+        if peer is None or s is None:
+            return
+        if s.src is not None:
+            raise ValueError(f"transfer {handle.transfer_id!r} was sent; it cannot be cancelled")
+        del peer.sends[handle.generation]
+        if s.stage is _Stage.GRANTED:  # (CLAIMED: the grant, when it comes, is answered so)
+            msg = {"op": "failed", "tid": handle.transfer_id, "gen": handle.generation}
+            self._send_quietly(peer, {**msg, "reason": "cancelled by the source"})
+
+    def _add(self, handle: KVHandle, src: np.ndarray | None) -> None:
+        """Register a transfer with its peer (connect if new) and claim it when possible."""
         peer = self._peers.get(handle.sink_address)
         if peer is not None and handle.generation in peer.sends:
             raise ValueError(
                 f"transfer {handle.transfer_id!r} gen {handle.generation} is in flight"
             )
-        num_bytes = len(src) * self.layout.block_bytes
-        s = _Send(handle, runs, num_bytes, time.monotonic())
+        s = _Send(handle, np.asarray(handle.block_ids, dtype=np.int64), src, time.monotonic())
         if peer is None:
             try:
                 peer = self._open(handle.sink_address)
             except KVTransferError as e:
-                self._events.append(SendFailed(handle.transfer_id, handle.generation, e))
+                self._fail(handle.sink_address, s, e)
                 return
         peer.sends[handle.generation] = s
         if peer.agent is not None:
@@ -140,13 +192,24 @@ class Source:
             except ConnectionClosed as e:
                 self._lose_peer(peer, PeerLost(f"sink {peer.address} lost: {e}"))
 
-    def poll(self, timeout_s: float = 0.0) -> list[SourceEvent]:
+    def _fail(self, address: str, s: _Send, error: KVTransferError) -> None:
+        """The transfer is over without success: its one SendFailed, or, if send() has not
+        been called yet, kept for send() to report (cancel() forgets it)."""
+        h = s.handle
+        if s.src is None:
+            self._doomed[(address, h.generation)] = error
+        else:
+            self._events.append(SendFailed(h.transfer_id, h.generation, error))
+
+    def poll(self, timeout_s: float = 0.0, wakeup_fd: int | None = None) -> list[SourceEvent]:
         deadline = time.monotonic() + timeout_s
         while True:
             self._service()
             if self._events or time.monotonic() >= deadline:
                 break
-            self._wait(deadline)
+            if self._wait(deadline, wakeup_fd):
+                self._service()
+                break
         events, self._events = self._events, []
         return events
 
@@ -189,7 +252,7 @@ class Source:
         for gen, s in peer.sends.items():
             if s.op is not None and not self._transport.release(s.op):
                 self._zombies.append((s.op, peer.address, gen))
-            self._events.append(SendFailed(s.handle.transfer_id, gen, error))
+            self._fail(peer.address, s, error)
         peer.sends.clear()
         if peer.agent is not None:
             self._transport.remove_peer(peer.agent)
@@ -212,12 +275,9 @@ class Source:
             problem = TransferAborted(f"handle is for agent {h.sink_agent}, sink is {peer.agent}")
         if problem is not None:
             del peer.sends[h.generation]
-            self._events.append(SendFailed(h.transfer_id, h.generation, problem))
+            self._fail(peer.address, s, problem)
             return
-        segments = [n for _, _, n in s.runs]
-        peer.conn.send(
-            {"op": "claim", "tid": h.transfer_id, "gen": h.generation, "segments": segments}
-        )
+        peer.conn.send({"op": "claim", "tid": h.transfer_id, "gen": h.generation})
         s.stage = _Stage.CLAIMED
 
     # ---- one round ------------------------------------------------------------------------------
@@ -250,7 +310,8 @@ class Source:
             if peer is not None:  # same connection still up: the write is over now
                 self._send_quietly(peer, {"op": "failed", "gen": gen, "reason": "write stopped"})
 
-    def _wait(self, deadline: float) -> None:
+    def _wait(self, deadline: float, wakeup_fd: int | None) -> bool:
+        """Sleep until something to do; True if wakeup_fd became readable."""
         posted = sum(
             s.stage is _Stage.POSTED for p in self._peers.values() for s in p.sends.values()
         )
@@ -260,7 +321,11 @@ class Source:
             timeout = min(timeout, tick)
         conns = [p.conn for p in self._peers.values()]
         writers = [c.fileno() for c in conns if c.wants_write]
-        select.select([*(c.fileno() for c in conns), *fds], writers, [], timeout)
+        readers = [*(c.fileno() for c in conns), *fds]
+        if wakeup_fd is not None:
+            readers.append(wakeup_fd)
+        ready = select.select(readers, writers, [], timeout)[0]
+        return wakeup_fd is not None and wakeup_fd in ready
 
     def _handle(self, peer: _Peer, msg: Message) -> None:
         op = msg["op"]
@@ -279,6 +344,8 @@ class Source:
                 peer.conn.send(
                     {"op": "failed", "tid": msg.get("tid"), "gen": gen, "reason": "gone"}
                 )
+            elif s.src is None:  # prepared: send() posts
+                s.stage = _Stage.GRANTED
             else:
                 self._post(peer, s)
         elif op == "deny":
@@ -299,9 +366,15 @@ class Source:
             raise ConnectionClosed(f"unexpected message {op!r}")
 
     def _post(self, peer: _Peer, s: _Send) -> None:
-        assert peer.agent is not None
+        assert peer.agent is not None and s.src is not None
+        h = s.handle
+        try:  # first, so the sink is progressing when the notification comes
+            peer.conn.send({"op": "write", "tid": h.transfer_id, "gen": h.generation})
+        except ConnectionClosed as e:
+            self._lose_peer(peer, PeerLost(f"sink {peer.address} lost: {e}"))
+            return
         try:
-            s.op = self._transport.post(peer.agent, s.handle.generation, s.runs)
+            s.op = self._transport.post(peer.agent, h.generation, s.src, s.dst)
         except TransferFailed as e:
             self._fail_posted(peer, s, e)
             return
@@ -337,9 +410,10 @@ class Source:
         del peer.sends[h.generation]
         if error is None:
             elapsed = time.monotonic() - s.started
-            self._events.append(SendDone(h.transfer_id, h.generation, s.num_bytes, elapsed))
+            num_bytes = len(s.dst) * self.layout.block_bytes
+            self._events.append(SendDone(h.transfer_id, h.generation, num_bytes, elapsed))
         else:
-            self._events.append(SendFailed(h.transfer_id, h.generation, error))
+            self._fail(peer.address, s, error)
 
     def _send_quietly(self, peer: _Peer, msg: Message) -> None:
         try:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from kv_transfer.ledger import SinkLedger
@@ -107,8 +108,10 @@ class SourceTransport(Protocol):
 
     def remove_peer(self, agent: str) -> None: ...
 
-    def post(self, agent: str, generation: int, runs: list[Run]) -> object:
-        """Start writing the runs into the sink; returns an op for check() (TransferFailed)."""
+    def post(self, agent: str, generation: int, src: np.ndarray, dst: np.ndarray) -> object:
+        """Start writing blocks src[i] into the sink's blocks dst[i] (int64 arrays, checked by
+        the caller: same length, distinct, inside the pools); returns an op for check()
+        (raises TransferFailed). Runs consecutive on both sides may go as one descriptor."""
         ...
 
     def check(self, op: object) -> bool:

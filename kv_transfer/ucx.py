@@ -1,5 +1,8 @@
 """ucx backend: two-sided tagged messages over ucxx (the maintained successor of ucx-py, whose
-Python API exposes no one-sided RMA). One message per paired run, tagged (generation, segment).
+Python API exposes no one-sided RMA). One message per paired run, tagged (generation, offset):
+offset is the index in the handle's block_ids of the run's first block, so a message says which
+blocks it fills and the claim needs to know nothing of the source's runs (it may come before the
+source has its blocks).
 
 Fencing is natural here: the sink posts no receive in advance. It probes for arrived messages
 and receives one into the pool only while its transfer is GRANTED; a message of an expired,
@@ -27,7 +30,7 @@ from kv_transfer.base import BackendUnavailable, HandshakeFailed, PeerLost, Tran
 from kv_transfer.ledger import Phase, SinkLedger
 from kv_transfer.sink import Sink
 from kv_transfer.source import Source
-from kv_transfer.transport import Arrival, Run, block_bytes_view
+from kv_transfer.transport import Arrival, block_bytes_view, paired_runs
 
 try:
     import ucxx._lib.libucxx as ucx
@@ -38,12 +41,12 @@ except ImportError as e:  # the registry turns this into a clear message
     ) from e
 
 NAME = "ucx"
-_SEGMENT_BITS = 20  # tag = generation << 20 | segment index
+_OFFSET_BITS = 20  # tag = generation << 20 | offset of the message's first block in the handle
 _SAFETY_TICK_S = 0.005  # progress at least this often while requests run (a missed wakeup)
 
 
-def _tag(generation: int, segment: int) -> Any:
-    return ucx.UCXXTag((generation << _SEGMENT_BITS) | segment)
+def _tag(generation: int, offset: int) -> Any:
+    return ucx.UCXXTag((generation << _OFFSET_BITS) | offset)
 
 
 def _array(t: torch.Tensor) -> Any:
@@ -78,7 +81,8 @@ def _failed(request: Any) -> str | None:
 class _Inbound:
     """Receives into the pool for one granted transfer."""
 
-    received: set[int] = field(default_factory=set)  # segment indices matched so far
+    covered: bytearray  # per block of the handle: 1 once a matched message fills it
+    num_received: int = 0  # blocks matched so far
     running: list[Any] = field(default_factory=list)  # receive requests into the pool
     num_bytes: int = 0
     error: str | None = None
@@ -115,7 +119,7 @@ class UcxSinkTransport:
             elif inbound.error is not None:
                 del self._inbound[generation]
                 arrivals.append(Arrival(generation, t.peer or "", 0, inbound.error))
-            elif len(inbound.received) == len(t.segments):
+            elif inbound.num_received == t.num_blocks:
                 del self._inbound[generation]
                 arrivals.append(Arrival(generation, t.peer or "", inbound.num_bytes))
         return arrivals
@@ -126,23 +130,23 @@ class UcxSinkTransport:
             if not probe.matched:
                 return
             tag = int(probe.sender_tag.value)
-            generation, segment = tag >> _SEGMENT_BITS, tag & ((1 << _SEGMENT_BITS) - 1)
+            generation, offset = tag >> _OFFSET_BITS, tag & ((1 << _OFFSET_BITS) - 1)
             t = ledger.get(generation)
             view = None
-            if t is not None and t.phase is Phase.GRANTED and segment < len(t.segments):
-                inbound = self._inbound.setdefault(generation, _Inbound())
-                first = sum(t.segments[:segment])
-                ids = t.block_ids[first : first + t.segments[segment]]
-                contiguous = ids[-1] - ids[0] == len(ids) - 1
-                if segment in inbound.received or not contiguous:
-                    inbound.error = f"segment {segment} repeated or not contiguous at the sink"
-                elif probe.length != len(ids) * self._block_bytes:
-                    inbound.error = (
-                        f"segment {segment} has {probe.length} bytes, not {len(ids)} blocks"
-                    )
+            if t is not None and t.phase is Phase.GRANTED:
+                inbound = self._inbound.get(generation)
+                if inbound is None:
+                    inbound = self._inbound[generation] = _Inbound(bytearray(t.num_blocks))
+                n, rest = divmod(probe.length, self._block_bytes)
+                ids = t.block_ids[offset : offset + n]
+                if rest or n == 0 or len(ids) != n:
+                    inbound.error = f"{probe.length} bytes at block {offset} do not fit"
+                elif ids[-1] - ids[0] != n - 1 or any(inbound.covered[offset : offset + n]):
+                    inbound.error = f"blocks {offset}..{offset + n} repeated or not contiguous"
                 else:
-                    view = self._blocks[ids[0] : ids[0] + len(ids)]
-                    inbound.received.add(segment)
+                    view = self._blocks[ids[0] : ids[0] + n]
+                    inbound.covered[offset : offset + n] = b"\x01" * n
+                    inbound.num_received += n
                     inbound.num_bytes += probe.length
                     inbound.running.append(self._worker.tag_recv_with_handle(_array(view), probe))
                     ledger.set_transport_quiet(generation, False)
@@ -196,12 +200,18 @@ class UcxSourceTransport:
             # keep it referenced; its requests have completed with errors anyway.
             self._dead.append(endpoint)
 
-    def post(self, agent: str, generation: int, runs: list[Run]) -> _Outbound:
+    def post(self, agent: str, generation: int, src: np.ndarray, dst: np.ndarray) -> _Outbound:
         endpoint = self._endpoints[agent]
-        views = [self._blocks[s : s + n] for s, _, n in runs]
+        runs = paired_runs(src.tolist(), dst.tolist())
+        views, offsets, offset = [], [], 0
+        for s, _, n in runs:
+            views.append(self._blocks[s : s + n])
+            offsets.append(offset)
+            offset += n
         try:
             requests = [
-                endpoint.tag_send(_array(v), _tag(generation, i)) for i, v in enumerate(views)
+                endpoint.tag_send(_array(v), _tag(generation, o))
+                for v, o in zip(views, offsets, strict=True)
             ]
         except ucx.UCXError as e:
             raise TransferFailed(f"UCX refused the send to {agent}: {e}") from e

@@ -9,8 +9,10 @@ Messages (field "op"; all other fields plain msgpack types, never pickle):
 
     source -> sink   hello   {v, backend, agent, layout, transport}   once, first
     sink -> source   welcome {agent, layout, transport} | refuse {kind, reason, differences}
-    source -> sink   claim   {tid, gen, segments}    may I write transfer tid of generation gen?
+    source -> sink   claim   {tid, gen}              may I write transfer tid of generation gen?
     sink -> source   grant   {tid, gen} | deny {tid, gen, reason}
+    source -> sink   write   {tid, gen}              posting the write now (the sink may sleep
+                                                     between grant and write; a hint, not a fence)
     sink -> source   abort   {tid, gen, reason}      stop; ack once nothing more can be written
     source -> sink   ack     {tid, gen}              no write of (tid, gen) is or will be in flight
     source -> sink   failed  {tid, gen, reason}      my write failed and is over (implies ack)
@@ -29,7 +31,7 @@ import msgpack
 from engine.kv_layout import KVLayout
 from kv_transfer.base import HandshakeFailed
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: claims carry no segments (early claims), `write`
 MAX_FRAME_BYTES = 16 << 20  # a claim for a 1M-token prompt is a few hundred KiB
 _HEADER = struct.Struct("!I")
 _RECV_CHUNK = 1 << 16

@@ -1,6 +1,11 @@
 """PrefillWorker gRPC service: compute a prompt's KV, sample its first token, WRITE the KV
 into the decode worker's reserved blocks, then free our copy.
 
+The lease is claimed when the request arrives (SourceThread.prepare), concurrently with the
+compute, so the write after prefill posts with no round trip; fencing is unchanged (a lease
+lost meanwhile fails the send). A request that ends without a send (bad input, engine error,
+caller gone) withdraws its claim (SourceThread.cancel), so the decode side frees its blocks.
+
 Block ownership: the request's blocks stay pinned in our engine after it finishes
 (hold_kv_on_finish) until the send has ended one way or the other; `release_kv` once the send
 is over (at once, or from `_release_after_send` when the caller went away first) is their one
@@ -14,6 +19,8 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import grpc
 
@@ -35,7 +42,8 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
         self.identity = identity
         self.engine = engine
         self.source = source
-        self._releases: set[asyncio.Task[None]] = set()  # _release_after_send in progress
+        # _release_after_send / _withdraw in progress
+        self._releases: set[asyncio.Task[None]] = set()
 
     async def Prefill(
         self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
@@ -51,24 +59,43 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
             params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=()
         )
         start = time.monotonic()
-        last: RequestOutput | None = None
+        claim = asyncio.ensure_future(self.source.prepare(handle))  # overlaps the compute
+        sending = holding = False
         try:
-            async for out in self.engine.generate(
-                rid, list(request.prompt_token_ids), first_params, hold_kv_on_finish=True
-            ):
-                last = out
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        assert last is not None and last.finished
-        prefill_s = time.monotonic() - start
-        held = last.held_block_ids
-        if len(held) != len(handle.block_ids):
-            await self.engine.call(lambda engine: engine.release_kv(rid))
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the KV handle has {len(handle.block_ids)} blocks; the prompt needs {len(held)}",
-            )
-        send = asyncio.ensure_future(self.source.send(handle, held))
+            last: RequestOutput | None = None
+            try:
+                async for out in self.engine.generate(
+                    rid, list(request.prompt_token_ids), first_params, hold_kv_on_finish=True
+                ):
+                    last = out
+            except ValueError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            assert last is not None and last.finished
+            holding = True  # from here on our blocks are pinned until release_kv
+            prefill_s = time.monotonic() - start
+            held = last.held_block_ids
+            problem = None
+            if len(held) != len(handle.block_ids):
+                problem = (
+                    f"the KV handle has {len(handle.block_ids)} blocks; "
+                    f"the prompt needs {len(held)}"
+                )
+            else:
+                try:
+                    if not claim.done():
+                        await asyncio.shield(claim)
+                    claim.result()
+                except ValueError as e:  # this transfer is in flight already (a duplicate)
+                    problem = str(e)
+            if problem is not None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            sending = True  # no await between this and the send's start
+            send = asyncio.ensure_future(self.source.send(handle, held))
+        finally:
+            if not sending:  # tasks: a cancelled caller must still free and give the claim back
+                if holding:
+                    self._background(self.engine.call(lambda engine: engine.release_kv(rid)))
+                self._background(self._withdraw(claim, handle))
         try:
             result = await asyncio.shield(send)
         finally:
@@ -77,9 +104,7 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
             if send.done():
                 await self.engine.call(lambda engine: engine.release_kv(rid))
             else:
-                task = asyncio.get_running_loop().create_task(self._release_after_send(rid, send))
-                self._releases.add(task)  # a task nobody references may be collected
-                task.add_done_callback(self._releases.discard)
+                self._background(self._release_after_send(rid, send))
         if isinstance(result, SendFailed):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {result.error}")
         response = pb.PrefillResponse(
@@ -98,6 +123,19 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
         with contextlib.suppress(Exception):
             await send
         await self.engine.call(lambda engine: engine.release_kv(rid))
+
+    async def _withdraw(self, claim: asyncio.Future[None], handle: KVHandle) -> None:
+        """The request ends without a send: give our claim back (the sink frees the blocks)."""
+        try:
+            await claim
+        except ValueError:
+            return  # never ours: another request holds this transfer
+        await self.source.cancel(handle)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._releases.add(task)  # a task nobody references may be collected
+        task.add_done_callback(self._releases.discard)
 
 
 def _handle_from_proto(msg: pb.KVHandle) -> KVHandle:

@@ -138,11 +138,11 @@ class GatedTransport:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def post(self, agent: str, generation: int, runs: list[Any]) -> Any:
+    def post(self, agent: str, generation: int, src: Any, dst: Any) -> Any:
         if self.open:
-            return self.inner.post(agent, generation, runs)
+            return self.inner.post(agent, generation, src, dst)
         self.held += 1
-        return {"held": (agent, generation, runs), "real": None}
+        return {"held": (agent, generation, src, dst), "real": None}
 
     def check(self, op: Any) -> bool:
         if not isinstance(op, dict):
@@ -301,6 +301,18 @@ class Child:
             handle = KVHandle.from_wire(s["handle"])
             self.accounts.take(handle.transfer_id, s["src"])
             self.endpoint.send(handle, s["src"])
+
+    def op_prepare(self, handles: list[dict[str, Any]]) -> None:
+        """Claim early (prefill starting); the blocks are taken by the later send."""
+        from kv_transfer.base import KVHandle
+
+        for h in handles:
+            self.endpoint.prepare(KVHandle.from_wire(h))
+
+    def op_cancel(self, handle: dict[str, Any]) -> None:
+        from kv_transfer.base import KVHandle
+
+        self.endpoint.cancel(KVHandle.from_wire(handle))
 
     def op_gate(self, open: bool) -> Reply:
         self.gate.open = open

@@ -19,7 +19,7 @@ def kinds(events: list[object]) -> list[str]:
 def test_claim_then_landing_returns_the_blocks_to_the_caller() -> None:
     led = ledger()
     t = led.expect("a", [3, 4, 9], deadline=10.0)
-    granted, why = led.claim(t.generation, "p", [2, 1], now=1.0)
+    granted, why = led.claim(t.generation, "p", now=1.0)
     assert granted is t and why == "" and t.phase is Phase.GRANTED
     assert led.landed(t.generation, "intruder", 1) == []  # only the claimant lands it
     [landed] = led.landed(t.generation, "p", 3 * 128)
@@ -34,13 +34,13 @@ def test_unclaimed_lease_expires_and_frees_at_once() -> None:
     events, fenced = led.expire(5.0)
     assert kinds(events) == ["KVLost", "KVReleased"] and fenced == []
     assert events[1] == KVReleased("a", t.generation, (1, 2), ReleaseReason.EXPIRED)
-    assert led.claim(t.generation, "p", [2], now=5.1)[0] is None  # a late claim is refused
+    assert led.claim(t.generation, "p", now=5.1)[0] is None  # a late claim is refused
 
 
 def test_one_sided_fence_waits_for_the_source_ack() -> None:
     led = ledger(one_sided=True)
     t = led.expect("a", [1, 2], deadline=5.0)
-    led.claim(t.generation, "p", [2], now=1.0)
+    led.claim(t.generation, "p", now=1.0)
     events, fenced = led.lose("a", ReleaseReason.ABORTED, "client left", now=2.0)
     assert kinds(events) == ["KVLost"] and fenced is t and t.phase is Phase.FENCING
     assert led.expire(100.0) == ([], [])  # a fencing transfer does not expire again
@@ -56,7 +56,7 @@ def test_one_sided_fence_waits_for_the_source_ack() -> None:
 def test_two_sided_fence_needs_only_a_quiet_transport() -> None:
     led = ledger(one_sided=False)
     t = led.expect("a", [1, 2], deadline=5.0)
-    led.claim(t.generation, "p", [1, 1], now=1.0)
+    led.claim(t.generation, "p", now=1.0)
     led.set_transport_quiet(t.generation, False)  # a receive into block 1 is running
     events, _ = led.lose("a", ReleaseReason.EXPIRED, "lease expired", now=5.0)
     assert kinds(events) == ["KVLost"]
@@ -68,7 +68,7 @@ def test_peer_loss_releases_claims_after_the_grace_and_keeps_unclaimed_handles()
     led = ledger(one_sided=True, grace_s=0.5)
     t1 = led.expect("claimed", [1], deadline=50.0)
     led.expect("unclaimed", [2], deadline=50.0)
-    led.claim(t1.generation, "p", [1], now=1.0)
+    led.claim(t1.generation, "p", now=1.0)
     events = led.peer_lost("p", now=2.0)
     assert kinds(events) == ["KVLost"] and events[0] == KVLost(
         "claimed", t1.generation, ReleaseReason.PEER_LOST, "source p disconnected mid-transfer"
@@ -82,7 +82,7 @@ def test_peer_loss_releases_claims_after_the_grace_and_keeps_unclaimed_handles()
 def test_source_failure_after_grant_loses_and_releases() -> None:
     led = ledger(one_sided=True)
     t = led.expect("a", [1], deadline=50.0)
-    led.claim(t.generation, "p", [1], now=1.0)
+    led.claim(t.generation, "p", now=1.0)
     events = led.source_quiet(t.generation, "p", "NIXL error", now=2.0)
     assert kinds(events) == ["KVLost", "KVReleased"]
     assert events[0].reason is ReleaseReason.FAILED  # type: ignore[union-attr]
@@ -103,10 +103,9 @@ def test_generations_are_fresh_per_expect_and_stale_claims_fail() -> None:
     led.lose("a", ReleaseReason.ABORTED, "", now=0.5)
     t2 = led.expect("a", [1], deadline=9.0)  # same transfer id, next incarnation
     assert t2.generation > t1.generation
-    assert led.claim(t1.generation, "p", [1], now=0.6) == (
+    assert led.claim(t1.generation, "p", now=0.6) == (
         None,
         "unknown generation (expired, aborted, finished or never issued)",
     )
-    assert led.claim(t2.generation, "p", [2], now=0.6)[0] is None  # segments must cover
-    assert led.claim(t2.generation, "p", [1], now=0.6)[0] is t2
-    assert led.claim(t2.generation, "q", [1], now=0.6)[0] is None  # one claimant only
+    assert led.claim(t2.generation, "p", now=0.6)[0] is t2
+    assert led.claim(t2.generation, "q", now=0.6)[0] is None  # one claimant only

@@ -50,6 +50,55 @@ def test_64_concurrent_transfers_interleave(pair: Pair) -> None:
     pair.audit()
 
 
+def test_claimed_before_compute_then_sent_lands(pair: Pair) -> None:
+    """prepare() claims when prefill starts; send() after compute posts with no round trip."""
+    plan = pair.plan([9, 3], scatter=True)
+    pair.source.call("prepare", handles=[p["handle"] for p in plan])
+    settle(pair.sink, 0.1)  # grants are in before the blocks are ready
+    assert kinds(settle(pair.source, 0.05)) == []  # a prepare alone reports nothing
+    pair.send(plan)
+    landed = pair.sink.wait_events(lambda ev: count(ev, "KVLanded") == 2)
+    pair.source.wait_events(lambda ev: count(ev, "SendDone") == 2)
+    assert sorted(e["tid"] for e in landed) == sorted(p["tid"] for p in plan)
+    assert all(pair.same_bytes(p) for p in plan)
+    pair.audit()
+
+
+def test_claimed_early_lease_expires_before_the_send(pair: Pair) -> None:
+    """The grant does not outlive the lease: a send after expiry is refused, no byte lands."""
+    [p] = pair.plan([8], lease_s=0.4)
+    pair.source.call("prepare", handles=[p["handle"]])
+    events = pair.sink.wait_events(lambda ev: count(ev, "KVReleased") == 1, timeout_s=5)
+    assert kinds(events) == ["KVLost", "KVReleased"]
+    assert {e["reason"] for e in events} == {"expired"}
+    other = pair.sink.call("expect", tid="other", block_ids=p["dst"], lease_s=30)["handle"]
+    assert other["generation"] > p["handle"]["generation"]
+    pair.sink.call("fill", block_ids=p["dst"], seed=998)
+    before = pair.sink.call("digest", block_ids=p["dst"])["digests"]
+    pair.send([p])
+    [failed] = pair.source.wait_events(lambda ev: len(ev) == 1)
+    assert failed["kind"] == "SendFailed" and failed["error"] == "TransferAborted"
+    assert "KVLanded" not in kinds(settle(pair.sink, 0.2))
+    assert pair.sink.call("digest", block_ids=p["dst"])["digests"] == before
+    pair.sink.call("abort", tid="other")
+    pair.sink.wait_events(lambda ev: count(ev, "KVReleased") == 1)
+    pair.audit()
+
+
+def test_claimed_early_then_cancelled_frees_the_sink(pair: Pair) -> None:
+    """Prefill failed after the claim: cancel() tells the sink, which frees the blocks."""
+    [p] = pair.plan([5])
+    pair.source.call("prepare", handles=[p["handle"]])
+    settle(pair.sink, 0.1)
+    pair.source.call("cancel", handle=p["handle"])
+    events = pair.sink.wait_events(lambda ev: count(ev, "KVReleased") == 1, timeout_s=5)
+    assert kinds(events) == ["KVLost", "KVReleased"]
+    assert {e["reason"] for e in events} == {"failed"}
+    assert kinds(settle(pair.source, 0.05)) == []
+    pair._planned = [b for b in pair._planned if b not in p["src"]]
+    pair.audit()
+
+
 def test_unwritten_lease_expires_and_a_late_send_is_refused(pair: Pair) -> None:
     [late] = pair.plan([8], lease_s=0.3)
     t0 = time.monotonic()
