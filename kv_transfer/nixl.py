@@ -69,10 +69,12 @@ def default_tuning(memory: str) -> NixlTuning:
     critical path (3,000 tokens as 188 scattered 2 MiB blocks: 2.40 -> 2.05 ms; the copy then
     runs at the link's speed), and a 20 us tick, which trims the wait between the copy's end and
     the notification going out and being seen (2.65 -> 2.40 ms); a write lasts ~1-20 ms, so the
-    ticking is short. NIXL's thread pool did not help (2.5 ms with 2-8 threads). DRAM: as
-    measured on the 2-core CPU box (the caller posts; 0.2 ms tick)."""
+    ticking is short. NIXL's thread pool did not help (2.5 ms with 2-8 threads). Prepared
+    descriptor lists take NIXL's per-post descriptor checks off the path (with early claims,
+    3,000 tokens 1.78 -> 1.74 ms, 1,000 tokens 1.14 -> 0.90 ms; docs/benchmarks.md, "GPU: early
+    claims"). DRAM: as measured on the 2-core CPU box (the caller posts; 0.2 ms tick)."""
     if memory == "VRAM":
-        return NixlTuning(progress_interval_s=2e-5, sgl=True)
+        return NixlTuning(progress_interval_s=2e-5, sgl=True, prepped=True)
     return NixlTuning()
 
 

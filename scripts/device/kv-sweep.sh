@@ -31,15 +31,17 @@ PY
 # of then (no SGL, 0.2 ms tick) and --tokens 3000,8000 --repeat 10: base; tick20 ($T20);
 # t2/t4/t8 ($T20 --nixl-threads N --nixl-split 16/16/8); t4-proto-v1 (UCX_PROTO_ENABLE=n);
 # sgl (NIXL_UCX_SGL_ENABLE=1 $T20); runs8 ($T20 --block-runs 8); runs8-t4; contiguous
-# ($T20 --block-runs 0). Now: the acceptance run with today's defaults, and what is left to try.
+# ($T20 --block-runs 0). The second (defaults SGL + 20 us): accept; runs8; contiguous; no-sgl
+# (--nixl-sgl 0); sgl-tick200; sgl-t4 (--nixl-threads 4 --nixl-split 16). Now (early claims,
+# prepared descriptor lists): the acceptance run, prepped on/off, and the claim inside the latency.
 if [ -n "${KV_SWEEP_RUNS:-}" ]; then eval "$KV_SWEEP_RUNS"; else
 S="--tokens 3000,8000 --repeat 10"
 run accept - --tokens 1000,3000,8000,32000 --repeat 10
-run runs8 - $S --block-runs 8
-run contiguous - $S --block-runs 0
-run no-sgl - --tokens 3000 --repeat 10 --nixl-sgl 0
-run sgl-tick200 - --tokens 3000 --repeat 10 --progress-interval-us 200
-run sgl-t4 - $S --nixl-threads 4 --nixl-split 16
+run prepped - --tokens 1000,3000,8000,32000 --repeat 10 --nixl-prepped 1
+run late-claim - $S --claim late
+run prepped-late - $S --claim late --nixl-prepped 1
+run prepped-runs8 - $S --nixl-prepped 1 --block-runs 8
+run prepped-contig - $S --nixl-prepped 1 --block-runs 0
 fi
 echo "== summary (median latency ms, GiB/s; claim seen by the sink, post called/returned, source done: ms after send())" >>"$LOG"
 python3 - "$OUT/sweep.jsonl" >>"$LOG" 2>&1 <<'PY'
@@ -49,6 +51,7 @@ for line in open(sys.argv[1]):
     print(f"{r['name']:>14} {r['tokens']:>6} tok {r['descriptors']:>4} desc  "
           f"{r['latency_ms']['median']:6.2f} ms (min {r['latency_ms']['min']:.2f})  "
           f"{r['bandwidth_gib_s']['median']:6.1f} GiB/s  claim {r['claim_seen_ms_median']:.2f}  "
+          f"early claim {r.get('claim_ms_median') or float('nan'):.2f}  "
           f"init {r['in_initialize_xfer_ms_median']:.2f} xfer {r['in_transfer_ms_median']:.2f}  "
           f"post {r['post_called_ms_median']:.2f}/"
           f"{r['post_returned_ms_median']:.2f}  done {r['source_done_ms_median']:.2f}  "
