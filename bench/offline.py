@@ -177,6 +177,35 @@ def machine() -> dict[str, Any]:
     }
 
 
+def tree_cpu_seconds() -> float | None:
+    """User + system CPU seconds of this process and all its live descendants (vLLM runs its
+    model in child processes), from Linux /proc; None where /proc is absent.
+
+    On a shared machine wall time mostly measures the co-tenants' load; CPU seconds measure
+    the work an engine did (still inflated somewhat by contention for caches and memory)."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").is_file():
+        return None
+    ticks: dict[int, int] = {}
+    children: dict[int, list[int]] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        pid = int(entry.name)
+        ticks[pid] = int(fields[11]) + int(fields[12])  # utime, stime (stat fields 14, 15)
+        children.setdefault(int(fields[1]), []).append(pid)  # ppid (field 4)
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     ids, id_source = normal_token_ids(cfg.model)
     prompts = make_prompts(ids, cfg.num_prompts, cfg.input_len, cfg.seed)
@@ -186,10 +215,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     startup_s = time.perf_counter() - t0
     generate(warmup, WARMUP_OUTPUT_LEN, cfg.temperature, cfg.detokenize)
     load_before = os.getloadavg()
+    cpu0 = tree_cpu_seconds()
     t0 = time.perf_counter()
     counts = generate(prompts, cfg.output_len, cfg.temperature, cfg.detokenize)
     elapsed = time.perf_counter() - t0
+    cpu1 = tree_cpu_seconds()
     load_after = os.getloadavg()
+    cpu_s = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
     if counts != [cfg.output_len] * cfg.num_prompts:
         raise RuntimeError(
             f"expected {cfg.output_len} tokens per prompt, got {sorted(set(counts))}"
@@ -215,6 +247,8 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         "output_tokens_per_s": round(out_tokens / elapsed, 2),
         "total_tokens_per_s": round((in_tokens + out_tokens) / elapsed, 2),
         "requests_per_s": round(cfg.num_prompts / elapsed, 3),
+        "cpu_s": None if cpu_s is None else round(cpu_s, 2),
+        "output_tokens_per_cpu_s": None if not cpu_s else round(out_tokens / cpu_s, 2),
         "loadavg_1m_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "machine": machine(),
     }
@@ -236,6 +270,11 @@ def table(r: dict[str, Any]) -> str:
         ("output tok/s", f"{r['output_tokens_per_s']:.1f}"),
         ("total tok/s", f"{r['total_tokens_per_s']:.1f}"),
         ("requests/s", f"{r['requests_per_s']:.3f}"),
+        (
+            "CPU s",
+            f"{r['cpu_s']} (process tree, during generate; "
+            f"{r['output_tokens_per_cpu_s']} output tok per CPU s)",
+        ),
         ("load 1m", f"{r['loadavg_1m_before_after']} (before, after)"),
     ]
     return "\n".join(f"{k:>13}  {v}" for k, v in rows)
