@@ -111,6 +111,7 @@ def _child(
             setattr(nixl, method, _stopwatch(getattr(nixl, method), spent, method))
 
         def timed_post(agent: str, generation: int, src: Any, dst: Any) -> object:
+            spent.update(initialize_xfer=0.0, transfer=0.0)  # summed over a transfer's parts
             t0 = time.monotonic()
             op = post(agent, generation, src, dst)
             t1 = time.monotonic()
@@ -129,6 +130,7 @@ def _child(
 
         ledger.claim = timed_claim
     pending: dict[str, dict[str, Any]] = {}  # tid -> what to do / what happened
+    prepared: dict[str, Any] = {}  # tid -> the KVHandle given to prepare(), for its send()
     results: dict[str, dict[str, Any]] = {}
 
     def sync() -> None:
@@ -166,7 +168,7 @@ def _child(
             }
             return {"handle": h.to_wire()}
         if op == "prepare":  # claim now and wait for the grant (prefill would compute meanwhile)
-            handle = KVHandle.from_wire(cmd["handle"])
+            handle = prepared[cmd["handle"]["transfer_id"]] = KVHandle.from_wire(cmd["handle"])
             t0 = time.monotonic()
             endpoint.prepare(handle)
             while True:
@@ -179,6 +181,11 @@ def _child(
                 raise RuntimeError(f"claim of {handle.transfer_id} failed")
             return {"claim_s": time.monotonic() - t0}
         if op == "send":
+            # The handle as prefill_worker holds it: decoded when the request arrived (and the
+            # very object given to prepare()), so neither decoding nor comparing is timed.
+            tid = cmd["handle"]["transfer_id"]
+            handle = prepared.pop(tid, None) or KVHandle.from_wire(cmd["handle"])
+            pending[tid] = {"unpack_to": None}
             t0 = time.monotonic()
             src = cmd["src"]
             if cmd.get("pack_at") is not None:  # gather into one contiguous run first
@@ -187,8 +194,6 @@ def _child(
                 torch.index_select(area, 0, torch.tensor(src, device=dev), out=stage[: len(src)])
                 sync()
                 src = list(range(at, at + len(src)))
-            handle = KVHandle.from_wire(cmd["handle"])
-            pending[handle.transfer_id] = {"unpack_to": None}
             endpoint.send(handle, src)
             return {"t_send": t0}
         if op == "result":
@@ -218,14 +223,14 @@ def _child(
 
 
 def _stopwatch(fn: Any, spent: dict[str, float], key: str) -> Any:
-    """fn, which leaves its last call's duration (seconds) in spent[key]."""
+    """fn, which adds each call's duration (seconds) to spent[key]."""
 
     def timed(*args: Any) -> Any:
         t = time.monotonic()
         try:
             return fn(*args)
         finally:
-            spent[key] = time.monotonic() - t
+            spent[key] += time.monotonic() - t
 
     return timed
 
@@ -376,6 +381,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else args.progress_interval_us * 1e-6,
         "sgl": None if args.nixl_sgl is None else bool(args.nixl_sgl),
         "prepped": None if args.nixl_prepped is None else bool(args.nixl_prepped),
+        "parts": args.nixl_parts,
     }
     if args.backend == "nixl":
         options["tuning"] = {k: v for k, v in overrides.items() if v is not None}
@@ -526,6 +532,12 @@ def main(argv: list[str] | None = None) -> None:
         choices=[0, 1],
         default=None,
         help="NIXL prepared descriptor lists (make_prepped_xfer by block index)",
+    )
+    p.add_argument(
+        "--nixl-parts",
+        type=int,
+        default=None,
+        help="cut one transfer into this many NIXL WRITEs posted back to back (NixlTuning.parts)",
     )
     p.add_argument(
         "--claim",

@@ -25,7 +25,7 @@ import numpy as np
 
 from engine.kv_cache import KVCache
 from kv_transfer.base import BackendUnavailable, HandshakeFailed, PeerLost, TransferFailed
-from kv_transfer.ledger import SinkLedger
+from kv_transfer.ledger import Phase, SinkLedger
 from kv_transfer.sink import Sink
 from kv_transfer.source import Source
 from kv_transfer.transport import Arrival, PoolInfo
@@ -61,6 +61,11 @@ class NixlTuning:
     # start, a sink's at its handshake); a WRITE then names blocks by index (make_prepped_xfer)
     # instead of NIXL building, checking and looking up fresh descriptors on every post.
     prepped: bool = False
+    # How many NIXL WRITEs one transfer is cut into (consecutive slices of its blocks, posted
+    # back to back, each with its own notification; the sink reports the landing once all
+    # `parts` notifications came). With SGL, UCX starts a WRITE's copies only after posting its
+    # whole list; cut in parts, the copy of one part overlaps the posting of the next.
+    parts: int = 1
 
 
 def default_tuning(memory: str) -> NixlTuning:
@@ -113,6 +118,13 @@ def _prep_blocks(agent: Any, owner: str, pool: PoolInfo) -> Any:
     return agent.prep_xfer_dlist(owner, np.array([row], dtype=np.uint64), pool.memory)
 
 
+def _notif(generation: int, part: int, parts: int) -> bytes:
+    """A WRITE's notification: `tandem-kv1:<gen>` for a whole transfer, or
+    `tandem-kv1:<gen>:<part>/<parts>` for one of its parts."""
+    tail = f"{generation}" if parts == 1 else f"{generation}:{part}/{parts}"
+    return _NOTIF_PREFIX + tail.encode()
+
+
 class NixlSinkTransport:
     one_sided = True
 
@@ -121,6 +133,11 @@ class NixlSinkTransport:
         self._agent = _agent(agent_name, tuning)
         self._registration = _register(self._agent, self._pool)
         self._tick = tuning.progress_interval_s
+        # Transfers sent in parts: generation -> the parts whose notification came. An entry
+        # goes when the last part lands, or when the ledger no longer holds its transfer as
+        # granted (fenced, expired: generations are never reused, so it can never count for
+        # another transfer).
+        self._parts_seen: dict[int, set[int]] = {}
 
     def describe(self) -> dict[str, Any]:
         return {"metadata": self._agent.get_agent_metadata(), "pool": asdict(self._pool)}
@@ -131,10 +148,18 @@ class NixlSinkTransport:
             for msg in messages:
                 if not msg.startswith(_NOTIF_PREFIX):
                     continue
-                generation = int(msg[len(_NOTIF_PREFIX) :])
+                generation, part, parts = _parse_notif(msg[len(_NOTIF_PREFIX) :])
+                if parts > 1:
+                    seen = self._parts_seen.setdefault(generation, set())
+                    seen.add(part)
+                    if len(seen) < parts:
+                        continue  # the transfer lands with its last part
+                    del self._parts_seen[generation]
                 t = ledger.get(generation)
                 num_bytes = t.num_blocks * self._pool.block_bytes if t is not None else 0
                 arrivals.append(Arrival(generation, str(agent), num_bytes))
+        for generation in [g for g in self._parts_seen if not _granted(ledger, g)]:
+            del self._parts_seen[generation]
         return arrivals
 
     def wait_spec(self, ledger: SinkLedger) -> tuple[list[int], float | None]:
@@ -147,10 +172,29 @@ class NixlSinkTransport:
         self._agent.deregister_memory(self._registration)
 
 
+def _parse_notif(tail: bytes) -> tuple[int, int, int]:
+    """(generation, part, parts) of a notification's tail (see _notif)."""
+    gen, _, part = tail.partition(b":")
+    if not part:
+        return int(gen), 0, 1
+    index, _, parts = part.partition(b"/")
+    return int(gen), int(index), int(parts)
+
+
+def _granted(ledger: SinkLedger, generation: int) -> bool:
+    t = ledger.get(generation)
+    return t is not None and t.phase is Phase.GRANTED
+
+
 @dataclass(slots=True)
 class _Op:
-    handle: Any
-    done: bool
+    """One transfer's NIXL WRITEs (its parts). `error`: a later part could not be posted; the
+    earlier ones may still run, so check() reports it only once they are all over."""
+
+    handles: list[Any]
+    done: list[bool]
+    released: list[bool]
+    error: TransferFailed | None = None
 
 
 class NixlSourceTransport:
@@ -161,6 +205,7 @@ class NixlSourceTransport:
         self._tick = tuning.progress_interval_s
         self._remotes: dict[str, PoolInfo] = {}
         self._prepped = tuning.prepped
+        self._parts = tuning.parts
         self._local_dlist = _prep_blocks(self._agent, "", self._pool) if self._prepped else None
         self._remote_dlists: dict[str, Any] = {}  # by agent, when prepped
 
@@ -197,32 +242,52 @@ class NixlSourceTransport:
         remote = self._remotes[agent]
         if int(dst.max()) >= remote.num_blocks or int(dst.min()) < 0:
             raise TransferFailed(f"destination blocks beyond {agent}'s pool of {remote.num_blocks}")
-        notif = _NOTIF_PREFIX + str(generation).encode()
-        try:
-            if self._prepped:  # blocks by index; NIXL merges neighbours itself
-                handle = self._agent.make_prepped_xfer(
-                    "WRITE",
-                    self._local_dlist,
-                    src.astype(np.int32),
-                    self._remote_dlists[agent],
-                    dst.astype(np.int32),
-                    notif,
+        parts = max(1, min(self._parts, len(src)))
+        op = _Op([], [], [])
+        slices = zip(np.array_split(src, parts), np.array_split(dst, parts), strict=True)
+        for part, (s, d) in enumerate(slices):
+            handle = None
+            try:
+                handle = self._make(agent, remote, s, d, _notif(generation, part, parts))
+                state = self._agent.transfer(handle)
+                error = (
+                    None if state != "ERR" else TransferFailed(f"NIXL refused the WRITE to {agent}")
                 )
-            else:
-                local, dest = self._descriptors(remote, src, dst)
-                handle = self._agent.initialize_xfer(
-                    "WRITE",
-                    self._agent.get_xfer_descs(local, self._pool.memory),
-                    self._agent.get_xfer_descs(dest, remote.memory),
-                    agent,
-                    notif,
-                )
-            state = self._agent.transfer(handle)
-        except _NIXL_ERRORS as e:
-            raise _failure(agent, e) from e
-        if state == "ERR":
-            raise TransferFailed(f"NIXL refused the WRITE to {agent}")
-        return _Op(handle, state == "DONE")
+            except _NIXL_ERRORS as e:
+                state, error = "ERR", _failure(agent, e)
+            if handle is not None:
+                op.handles.append(handle)
+                op.done.append(state != "PROC")  # DONE, or ERR: nothing of it runs
+                op.released.append(False)
+            if error is None:
+                continue
+            if part == 0:  # nothing in flight: give up now
+                self.release(op)
+                raise error
+            op.error = error  # earlier parts are in flight: check() reports it once over
+            break
+        return op
+
+    def _make(
+        self, agent: str, remote: PoolInfo, src: np.ndarray, dst: np.ndarray, notif: bytes
+    ) -> Any:
+        if self._prepped:  # blocks by index; NIXL merges neighbours itself
+            return self._agent.make_prepped_xfer(
+                "WRITE",
+                self._local_dlist,
+                src.astype(np.int32),
+                self._remote_dlists[agent],
+                dst.astype(np.int32),
+                notif,
+            )
+        local, dest = self._descriptors(remote, src, dst)
+        return self._agent.initialize_xfer(
+            "WRITE",
+            self._agent.get_xfer_descs(local, self._pool.memory),
+            self._agent.get_xfer_descs(dest, remote.memory),
+            agent,
+            notif,
+        )
 
     def _descriptors(
         self, remote: PoolInfo, src: np.ndarray, dst: np.ndarray
@@ -243,25 +308,36 @@ class NixlSourceTransport:
 
     def check(self, op: object) -> bool:
         assert isinstance(op, _Op)
-        if not op.done:
+        for i, handle in enumerate(op.handles):
+            if op.done[i]:
+                continue
             try:
-                state = self._agent.check_xfer_state(op.handle)
+                state = self._agent.check_xfer_state(handle)
             except _NIXL_ERRORS as e:
-                op.done = True
+                op.done[i] = True
                 raise _failure("the sink", e) from e
             if state == "ERR":
-                op.done = True
+                op.done[i] = True
                 raise TransferFailed("NIXL reported the WRITE failed")
-            op.done = state == "DONE"
-        return op.done
+            op.done[i] = state == "DONE"
+        if not all(op.done):
+            return False
+        if op.error is not None:
+            raise op.error
+        return True
 
     def release(self, op: object) -> bool:
+        """Release every part; False while one is still running (try again later)."""
         assert isinstance(op, _Op)
-        try:
-            self._agent.release_xfer_handle(op.handle)
-        except _NIXL_ERRORS:
-            return False  # still running and not cancellable: try again later
-        return True
+        for i, handle in enumerate(op.handles):
+            if op.released[i]:
+                continue
+            try:
+                self._agent.release_xfer_handle(handle)
+            except _NIXL_ERRORS:
+                continue  # still running and not cancellable
+            op.released[i] = True
+        return all(op.released)
 
     def wait_spec(self, num_in_flight: int) -> tuple[list[int], float | None]:
         return [], self._tick if num_in_flight else None

@@ -368,17 +368,17 @@ class Source:
     def _post(self, peer: _Peer, s: _Send) -> None:
         assert peer.agent is not None and s.src is not None
         h = s.handle
-        try:  # first, so the sink is progressing when the notification comes
-            peer.conn.send({"op": "write", "tid": h.transfer_id, "gen": h.generation})
-        except ConnectionClosed as e:
-            self._lose_peer(peer, PeerLost(f"sink {peer.address} lost: {e}"))
-            return
         try:
             s.op = self._transport.post(peer.agent, h.generation, s.src, s.dst)
         except TransferFailed as e:
             self._fail_posted(peer, s, e)
             return
         s.stage = _Stage.POSTED
+        # Only now the one-way `write` hint (it starts the NIXL sink's progress ticks), so the
+        # post does not wait for it. No landing is missed: a completion notification that
+        # arrives first waits in the sink's NIXL agent until the hint makes the sink progress,
+        # and a landing needs only the grant (SinkLedger.landed), never the hint.
+        self._send_quietly(peer, {"op": "write", "tid": h.transfer_id, "gen": h.generation})
 
     def _check_posted(self, peer: _Peer) -> None:
         for s in [s for s in peer.sends.values() if s.stage is _Stage.POSTED]:

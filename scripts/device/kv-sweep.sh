@@ -33,15 +33,18 @@ PY
 # sgl (NIXL_UCX_SGL_ENABLE=1 $T20); runs8 ($T20 --block-runs 8); runs8-t4; contiguous
 # ($T20 --block-runs 0). The second (defaults SGL + 20 us): accept; runs8; contiguous; no-sgl
 # (--nixl-sgl 0); sgl-tick200; sgl-t4 (--nixl-threads 4 --nixl-split 16). Now (early claims,
-# prepared descriptor lists): the acceptance run, prepped on/off, and the claim inside the latency.
+# prepared descriptor lists): accept; prepped; late-claim; prepped-late; prepped-runs8;
+# prepped-contig (--nixl-prepped 1, --claim late, --block-runs 8/0). Now (send() only posts, the
+# `write` hint after the post; a transfer cut into NIXL WRITEs posted back to back): the acceptance
+# run, 2/4/8 parts, and NIXL's thread pool with SGL + prepared lists (never measured together).
 if [ -n "${KV_SWEEP_RUNS:-}" ]; then eval "$KV_SWEEP_RUNS"; else
+A="--tokens 1000,3000,8000,32000 --repeat 10"
 S="--tokens 3000,8000 --repeat 10"
-run accept - --tokens 1000,3000,8000,32000 --repeat 10
-run prepped - --tokens 1000,3000,8000,32000 --repeat 10 --nixl-prepped 1
-run late-claim - $S --claim late
-run prepped-late - $S --claim late --nixl-prepped 1
-run prepped-runs8 - $S --nixl-prepped 1 --block-runs 8
-run prepped-contig - $S --nixl-prepped 1 --block-runs 0
+run accept - $A
+run parts2 - $A --nixl-parts 2
+run parts4 - $A --nixl-parts 4
+run parts8 - $S --nixl-parts 8
+run t4 - $S --nixl-threads 4 --nixl-split 16
 fi
 echo "== summary (median latency ms, GiB/s; claim seen by the sink, post called/returned, source done: ms after send())" >>"$LOG"
 python3 - "$OUT/sweep.jsonl" >>"$LOG" 2>&1 <<'PY'
