@@ -27,11 +27,13 @@ BACKENDS = ["nixl", "ucx"]
 class Pair:
     """The sink (decode side) and source (prefill side) processes of one backend."""
 
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, **source_options: Any) -> None:
+        """source_options: for the source's child (peer._make), e.g. nixl_parts."""
         self.backend = backend
         self.one_sided = backend == "nixl"  # fencing waits for the source's ack
+        self._source_options = source_options
         self.sink = Peer("sink", backend, LAYOUT)
-        self.source = Peer("source", backend, LAYOUT)
+        self.source = Peer("source", backend, LAYOUT, **source_options)
         self.sink.ready()
         self.source.ready()
         self._ids = itertools.count()
@@ -40,7 +42,8 @@ class Pair:
     def respawn(self, role: str) -> None:
         old = getattr(self, role)
         old.stop()
-        setattr(self, role, Peer(role, self.backend, LAYOUT).ready())
+        options = self._source_options if role == "source" else {}
+        setattr(self, role, Peer(role, self.backend, LAYOUT, **options).ready())
 
     def plan(
         self, sizes: list[int], *, scatter: bool = True, lease_s: float = 30.0

@@ -173,7 +173,8 @@ def _make(role: str, backend: str, kv: Any, options: dict[str, Any]) -> tuple[An
     if backend == "nixl":
         from kv_transfer.nixl import NixlSourceTransport, NixlTuning
 
-        gate = GatedTransport(NixlSourceTransport(kv, name, NixlTuning()))
+        tuning = NixlTuning(parts=options.pop("nixl_parts", 1))
+        gate = GatedTransport(NixlSourceTransport(kv, name, tuning))
     else:
         from kv_transfer.ucx import UcxSourceTransport
 
