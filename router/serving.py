@@ -458,6 +458,9 @@ class Frontend:
                 now_cpu = time.thread_time()
                 delta = convert.delta_from_proto(msg)
                 self.registry.add_tokens(ticket, len(delta.token_ids))
+                # counted as they arrive: the finally below runs only when the consumer resumes
+                # or closes this generator, which may be after the response is complete
+                self.metrics.generation_tokens.inc(len(delta.token_ids))
                 if delta.token_ids:
                     if stats.last_token_s is None:
                         stats.first_token_s = now
@@ -493,7 +496,6 @@ class Frontend:
             raise error from exc
         finally:
             self.registry.finish(ticket)
-            self.metrics.generation_tokens.inc(ticket.context_tokens - num_context)
             if not finished:
                 call.cancel()
                 if not lost:  # a lost worker has nothing left to abort
