@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from deploy.local_cluster import ClusterConfig, LocalCluster
+from tests.router.waits import wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
 HAVE_DECODE = (REPO / "decode_worker" / "__main__.py").exists()
@@ -82,15 +83,6 @@ def offline(tiny_chat_model_dir: Path) -> Any:
     from engine import LLM
 
     return LLM(str(tiny_chat_model_dir), max_model_len=512, num_blocks=256)
-
-
-def wait_healthy(url: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if httpx.get(f"{url}/health").status_code == 200:
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"{url}/health never became 200")
 
 
 def offline_texts(offline: Any, prompts: list[Any], max_tokens: int) -> list[str]:

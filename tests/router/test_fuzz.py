@@ -12,7 +12,6 @@ The router caps output at 4 tokens (`--max-output-tokens`), so valid requests st
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from deploy.local_cluster import ClusterConfig, LocalCluster
+from tests.router.waits import wait_healthy
 
 pytestmark = pytest.mark.slow  # worker + router start, then ~2,000 requests: ~60 s on 2 cores
 NUM_REQUESTS = 2000
@@ -54,10 +54,7 @@ def router_url(tiny_chat_model_dir: Path) -> Iterator[str]:
     )
     cluster = LocalCluster(config).start()
     try:
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{cluster.url}/health").status_code != 200:
-            assert time.monotonic() < deadline, "the router never became healthy"
-            time.sleep(0.1)
+        wait_healthy(cluster.url, timeout_s=60)
         yield cluster.url
     finally:
         cluster.stop()

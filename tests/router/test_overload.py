@@ -33,6 +33,7 @@ from proto import tandem_pb2_grpc as pb_grpc
 from router.config import Mode, Role, RouterConfig, WorkerAddress
 from router.server import build_app
 from runtime.tokenizer import Tokenizer
+from tests.router.waits import wait_healthy
 
 pytestmark = pytest.mark.slow  # ~60 s: two processes, then LOAD_S of overload
 SLOTS = 2
@@ -63,10 +64,7 @@ def cluster(tiny_chat_model_dir: Path) -> Iterator[LocalCluster]:
     )
     c = LocalCluster(config).start()
     try:
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{c.url}/health").status_code != 200:
-            assert time.monotonic() < deadline, "the router never became healthy"
-            time.sleep(0.1)
+        wait_healthy(c.url, timeout_s=60)
         yield c
     finally:
         c.stop()
