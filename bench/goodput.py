@@ -133,8 +133,10 @@ def conversation_offsets_s(count: int, rate: float, turns: int, seed: int) -> li
 
 
 async def run_rate(
-    client: httpx.AsyncClient, config: SweepConfig, model: str, rate: float
+    client: httpx.AsyncClient, config: SweepConfig, model: str, rate: float, first: int = 0
 ) -> dict[str, Any]:
+    """One rate's conversations, numbered from `first`: a sweep passes the count sent so far, so
+    no prompt of an earlier rate comes again (it would be a prefix-cache hit, not a prefill)."""
     workload = config.workload
     count = config.conversations(rate)
     offsets = conversation_offsets_s(count, rate, workload.turns, config.seed)
@@ -148,7 +150,7 @@ async def run_rate(
     async def conversation(index: int, offset_s: float) -> list[RequestResult]:
         await asyncio.sleep(max(0.0, start + offset_s - time.perf_counter()))
         results = []
-        for prompt in workload.prompts(index, config.seed):
+        for prompt in workload.prompts(first + index, config.seed):
             result = await one_request(client, request_config, model, prompt)
             results.append(result)
             if not result.ok:
@@ -201,9 +203,10 @@ async def sweep(config: SweepConfig) -> dict[str, Any]:
                         slo_itl_s=None, timeout_s=config.timeout_s),
             model, warm,
         )  # fmt: skip
-        rows = []
+        rows, sent = [], 0
         for rate in config.rates:
-            row = await run_rate(client, config, model, rate)
+            row = await run_rate(client, config, model, rate, first=sent)
+            sent += config.conversations(rate)
             rows.append(row)
             print(format_row(config.label, row), file=sys.stderr, flush=True)
     return {
