@@ -35,6 +35,9 @@ class EngineArgs:
     num_threads: int | None = None
     enforce_eager: bool = False  # CUDA: run decode steps without CUDA graphs
     tensor_parallel_size: int = 1  # CUDA: one process per rank, torch.distributed initialised
+    # None: on CUDA (the host's work per step hides behind the GPU's), off on CPU (the host
+    # is the device: nothing to overlap with)
+    async_scheduling: bool | None = None
 
     def resolve(self) -> EngineConfig:
         model_dir = Path(self.model).expanduser()
@@ -71,6 +74,11 @@ class EngineArgs:
             num_threads=self.num_threads or (max(1, (os.cpu_count() or 1) - 1)),
             enforce_eager=self.enforce_eager,
             tensor_parallel_size=self.tensor_parallel_size,
+            async_scheduling=(
+                device.startswith("cuda")
+                if self.async_scheduling is None
+                else self.async_scheduling
+            ),
         )
 
 
@@ -91,6 +99,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--num-threads", type=int, default=None, help="torch threads (default: CPU cores - 1)"
     )
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no CUDA graphs")
+    p.add_argument(
+        "--no-async-scheduling",
+        action="store_true",
+        help="CUDA: schedule each step only after the previous one's tokens are read",
+    )
     p.add_argument("--engine-seed", type=int, default=0, help="dummy weights and unseeded sampling")
 
 
@@ -110,4 +123,5 @@ def engine_args_from(ns: argparse.Namespace, model_dir: str) -> EngineArgs:
         seed=ns.engine_seed,
         num_threads=ns.num_threads,
         enforce_eager=ns.enforce_eager,
+        async_scheduling=False if ns.no_async_scheduling else None,
     )

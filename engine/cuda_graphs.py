@@ -100,12 +100,20 @@ class DecodeGraphs:
     def run(self, inputs: DecodeInputs) -> torch.Tensor:
         """Replay the bucket's graph on `inputs`; returns its logits [bucket, vocab] (a static
         buffer: read it before the next replay)."""
+        self.load(inputs)
+        return self.replay(inputs.bucket)
+
+    def load(self, inputs: DecodeInputs) -> None:
+        """Queue the copies of `inputs` into the static buffers (the caller may then change
+        input_ids[:bucket] on the device, before `replay`)."""
         b = inputs.bucket
-        graph, logits = self._graphs[b]
         self.input_ids[:b].copy_(inputs.input_ids, non_blocking=True)
         self.positions[:b].copy_(inputs.positions, non_blocking=True)
         self.slot_mapping[:b].copy_(inputs.slot_mapping, non_blocking=True)
         self.block_tables[:b].copy_(inputs.block_tables, non_blocking=True)
         self.context_lens[:b].copy_(inputs.context_lens, non_blocking=True)
+
+    def replay(self, bucket: int) -> torch.Tensor:
+        graph, logits = self._graphs[bucket]
         graph.replay()
         return logits

@@ -1,23 +1,47 @@
 """Engine: add requests, step (schedule -> execute -> update), report deltas. Single-threaded:
-callers in other threads must hand requests over through their own queue."""
+callers in other threads must hand requests over through their own queue.
+
+Overlapped steps (config.async_scheduling, the CUDA default): one call of `step` schedules and
+launches step N+1, then collects step N (the one host sync), updates the scheduler and returns
+step N's outputs. The host's work for N+1 (scheduling, inputs) and for N (update, stop checks,
+detokenising) thus runs while the GPU computes; the outputs come one step later. Same tokens as
+the synchronous loop: a row of N+1 that needs N's token reads it on the device
+(ScheduledRow.token_on_device), and a request that turns out finished at N had its row of N+1
+computed for nothing (its result is dropped). See engine/scheduler.py for when a request waits
+instead.
+
+Hazard: blocks freed while a step is in flight (a finish or abort in between) may still get
+that step's KV write for the freed request's next position. Steps on the one CUDA stream are
+ordered after it; anything else that writes blocks (a remote KV write into `reserve_kv`'s
+blocks) must wait for the step first, which `reserve_kv` does.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from engine.block_manager import BlockAccountingError, BlockCounts, BlockManager
 from engine.config import EngineConfig
 from engine.gpu_runner import GpuModelRunner
-from engine.model_runner import ModelRunner
+from engine.model_runner import LaunchedStep, ModelRunner
 from engine.outputs import RequestOutput
-from engine.plan import StepResult, TokenLogprob
+from engine.plan import StepPlan, StepResult, TokenLogprob
 from engine.request import FinishReason, Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.stats import StepStats, step_stats
 from engine.text_stream import TextStream
 from runtime.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """A launched step the engine has not collected yet."""
+
+    plan: StepPlan
+    launched: LaunchedStep
 
 
 class Engine:
@@ -32,6 +56,7 @@ class Engine:
         self.scheduler = Scheduler(config, self.block_manager)
         self.streams: dict[str, TextStream] = {}
         self.last_step_stats: StepStats | None = None  # of the latest step() call
+        self.in_flight: InFlight | None = None  # overlapped steps: launched, not collected
         self.eos_token_ids = frozenset(config.model.eos_token_ids) | (
             tokenizer.eos_token_ids if tokenizer is not None else frozenset()
         )
@@ -83,7 +108,14 @@ class Engine:
 
     # ---- role hooks -------------------------------------------------------------------------
     def reserve_kv(self, request_id: str, num_tokens: int) -> list[int]:
-        """Decode role: blocks for `num_tokens` of KV written by someone else (OutOfBlocks)."""
+        """Decode role: blocks for `num_tokens` of KV written by someone else (OutOfBlocks).
+
+        Waits for a step in flight first: it may still write a block freed meanwhile (see the
+        module doc), and the remote write must land after it."""
+        if self.in_flight is not None:
+            done = self.in_flight.launched.done
+            if done is not None:
+                done.synchronize()
         return self.scheduler.reserve(request_id, num_tokens)
 
     def cancel_kv_reservation(self, request_id: str) -> bool:
@@ -120,7 +152,11 @@ class Engine:
 
     # ---- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One step. Sets `last_step_stats` (for a metrics exporter): None when it was empty."""
+        """One step. Sets `last_step_stats` (for a metrics exporter): None when it was empty.
+
+        Overlapped: launches the next step and returns the outputs of the one before."""
+        if self.config.async_scheduling:
+            return self._step_overlapped()
         started_s = time.monotonic()
         self.last_step_stats = None
         plan = self.scheduler.schedule()
@@ -133,8 +169,28 @@ class Engine:
         self.last_step_stats = step_stats(plan, row_requests, started_s, time.monotonic())
         return outputs
 
+    def _step_overlapped(self) -> list[RequestOutput]:
+        started_s = time.monotonic()
+        self.last_step_stats = None
+        plan = self.scheduler.schedule()
+        launched = None
+        row_requests = []
+        if not plan.is_empty:
+            row_requests = [self.scheduler.requests[row.request_id] for row in plan.rows]
+            launched = self.runner.launch(plan)
+        outputs: list[RequestOutput] = []
+        previous, self.in_flight = self.in_flight, None
+        if previous is not None:
+            result = self.runner.collect(previous.launched)
+            touched = self.scheduler.update(previous.plan, result)
+            outputs = self._outputs(touched, result)
+        if launched is not None:
+            self.in_flight = InFlight(plan, launched)
+            self.last_step_stats = step_stats(plan, row_requests, started_s, time.monotonic())
+        return outputs
+
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self.in_flight is not None
 
     def check_integrity(self) -> None:
         """Raise BlockAccountingError unless every block's ref count matches its holders."""

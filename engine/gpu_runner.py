@@ -3,7 +3,10 @@
 Same contract as ModelRunner (StepPlan in, StepResult out); only how inputs reach the GPU and
 how the forward runs differ:
   - inputs are built on the host, pinned, and copied with non_blocking=True: the step's only
-    host sync is the sampler's read of the sampled token ids;
+    host sync is `collect`'s wait for the sampled token ids (greedy rows with no logit_bias,
+    bans or penalties; those copy index tensors from pageable memory, which syncs);
+  - with tensor parallelism and overlapped steps, rank 0 broadcasts the sampled ids over
+    NCCL (on the stream) so every rank feeds the next plan's token_on_device rows itself;
   - decode-only steps of <= max_num_seqs rows replay a CUDA graph (engine/cuda_graphs.py);
     steps with prefill chunks run eagerly (their time is in the GEMMs, not in launches).
 """
@@ -18,9 +21,9 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from engine.gpu_attention import PREFILL_BLOCK_M, GpuAttentionMetadata, decode_num_splits
 from engine.kv_cache import KVCache
-from engine.model_runner import ModelRunner
+from engine.model_runner import LaunchedStep, ModelRunner
 from engine.parallel import TensorParallel, kv_layout_for_rank, shard_model
-from engine.plan import ScheduledRow, StepPlan, StepResult
+from engine.plan import ScheduledRow, StepPlan
 
 
 def _pinned(a: np.ndarray) -> torch.Tensor:
@@ -48,56 +51,69 @@ class GpuModelRunner(ModelRunner):
             )
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
-        """Rank 0 (and a single GPU): the whole step; with tensor parallelism the plan goes to
-        the other ranks first, which run the same forward in serve_followers()."""
+    def launch(self, plan: StepPlan) -> LaunchedStep:
+        """Rank 0 (and a single GPU): queue the whole step; with tensor parallelism the plan
+        goes to the other ranks first, which run the same forward in serve_followers()."""
         if self.tp.world_size > 1:
             dist.broadcast_object_list([plan], src=0, group=self.tp.plan_group)
-        return self._step(plan, sample=True)
+        return self._launch(plan, leader=True)
 
     @torch.inference_mode()
     def serve_followers(self) -> None:
-        """Ranks > 0: run each plan rank 0 broadcasts until it sends None (stop_followers)."""
+        """Ranks > 0: run each plan rank 0 broadcasts until it sends None (stop_followers).
+        Never syncs with its GPU: it runs as far ahead as rank 0's plans let it."""
         assert self.tp.rank > 0
         while True:
             box: list[StepPlan | None] = [None]
             dist.broadcast_object_list(box, src=0, group=self.tp.plan_group)
             if box[0] is None:
                 return
-            self._step(box[0], sample=False)
+            self._launch(box[0], leader=False)
 
     def stop_followers(self) -> None:
         """Rank 0: release the other ranks' serve_followers() loops."""
         if self.tp.world_size > 1 and self.tp.rank == 0:
             dist.broadcast_object_list([None], src=0, group=self.tp.plan_group)
 
-    def _step(self, plan: StepPlan, sample: bool) -> StepResult:
+    def _launch(self, plan: StepPlan, leader: bool) -> LaunchedStep:
         rows = plan.rows
-        sample_idx = [i for i, r in enumerate(rows) if r.sample] if sample else []
+        sampling_rows = tuple(r for r in rows if r.sample)
         graphs = self.graphs
+        logits: torch.Tensor | None = None
         if (
             graphs is not None
             and len(rows) <= graphs.max_batch
             and all(r.num_new_tokens == 1 for r in rows)
         ):
-            logits = graphs.run(self._decode_inputs(rows, graphs.bucket_for(len(rows))))
-            if not sample_idx:
-                return StepResult({}, {})
-            logits = logits[: len(rows)]
-            if len(sample_idx) != len(rows):
-                logits = logits[torch.tensor(sample_idx, device=self.device)]
+            inputs = self._decode_inputs(rows, graphs.bucket_for(len(rows)))
+            graphs.load(inputs)
+            self._feed_on_device(graphs.input_ids, *_on_device(rows))
+            logits = graphs.replay(inputs.bucket)
+            if leader and sampling_rows:
+                logits = logits[: len(rows)]
+                if len(sampling_rows) != len(rows):
+                    idx = [i for i, r in enumerate(rows) if r.sample]
+                    logits = logits[self._index_tensor(idx)]
         else:
             input_ids, positions, meta, flat_sample_idx = self._prepare_eager(rows)
             hidden = self.model(input_ids, positions, meta, self.kv_cache)
-            if not sample_idx:
-                return StepResult({}, {})
-            logits = self.model.compute_logits(hidden[flat_sample_idx])
-        sampling_rows = [rows[i] for i in sample_idx]
-        token_ids, logprobs = self.sampler(logits, sampling_rows)
-        return StepResult(
-            {r.request_id: t for r, t in zip(sampling_rows, token_ids, strict=True)},
-            {r.request_id: lp for r, lp in zip(sampling_rows, logprobs, strict=True) if lp},
-        )
+            if leader and sampling_rows:
+                logits = self.model.compute_logits(hidden[flat_sample_idx])
+        if not sampling_rows:
+            return self._launched(sampling_rows, None, None)
+        raw_logprobs = None
+        if leader:
+            assert logits is not None
+            next_ids, raw_logprobs = self.sampler.sample(logits, sampling_rows)
+        else:
+            next_ids = torch.empty(len(sampling_rows), dtype=torch.long, device=self.device)
+        if self.tp.world_size > 1 and self.config.async_scheduling:
+            # every rank feeds the next plan's token_on_device rows from its own copy
+            dist.broadcast(next_ids, src=0)
+        if not leader:
+            self._last_sampled = (next_ids, {r.request_id: i for i, r in enumerate(sampling_rows)})
+            return LaunchedStep(sampling_rows, next_ids, None, None)  # never collected
+        return self._launched(sampling_rows, next_ids, raw_logprobs)
 
     # ---- decode steps (CUDA graph) ---------------------------------------------------------
     def _decode_inputs(self, rows: tuple[ScheduledRow, ...], bucket: int) -> DecodeInputs:
@@ -110,7 +126,8 @@ class GpuModelRunner(ModelRunner):
         tables = np.zeros((bucket, self.max_blocks), dtype=np.int32)
         for i, r in enumerate(rows):
             p = r.num_computed_tokens
-            ids[i] = r.token_ids[0]
+            if r.token_ids:  # else token_on_device: fed on the device after the copy
+                ids[i] = r.token_ids[0]
             pos[i] = p
             slots[i] = r.block_table[p // bs] * bs + p % bs
             lens[i] = p + 1
@@ -140,6 +157,8 @@ class GpuModelRunner(ModelRunner):
         for row in rows:
             start, n, first = len(ids), row.num_new_tokens, row.num_computed_tokens
             ids.extend(row.token_ids)
+            if row.token_on_device:
+                ids.append(0)  # fed on the device below
             pos.extend(range(first, first + n))
             table = row.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(first, first + n))
@@ -183,12 +202,21 @@ class GpuModelRunner(ModelRunner):
             prefill_num_computed=i32(computed),
             prefill_block_tables=to_dev(_pad(pre_tables)),
         )
+        ids_t = to_dev(np.asarray(ids, dtype=np.int64))
+        self._feed_on_device(ids_t, *_on_device(rows))
         return (
-            to_dev(np.asarray(ids, dtype=np.int64)),
+            ids_t,
             to_dev(np.asarray(pos, dtype=np.int64)),
             meta,
             to_dev(np.asarray(sample_idx, dtype=np.int64)),
         )
+
+
+def _on_device(rows: tuple[ScheduledRow, ...]) -> tuple[list[int], list[str]]:
+    """(token index, request id) of the token_on_device rows: decode rows, listed first, so
+    their token index is their row index."""
+    idx = [i for i, r in enumerate(rows) if r.token_on_device]
+    return idx, [rows[i].request_id for i in idx]
 
 
 def _pad(tables: list[tuple[int, ...]]) -> np.ndarray:

@@ -1,9 +1,18 @@
 """ModelRunner: StepPlan -> input tensors -> forward -> sample -> StepResult.
 
 Owns the model, the KV pool tensor and the sampler; never reads scheduler state.
+
+A step runs in two halves: `launch(plan)` queues the forward pass and the sampling on the
+device and returns a LaunchedStep; `collect(launched)` waits for its token ids and returns the
+StepResult. `execute` is the two back to back. The engine's overlapped loop launches step N+1
+before it collects step N; a row of step N+1 with `token_on_device` then reads the token that
+step N sampled for its request straight from the device tensor this runner kept
+(`_last_sampled`), never from the host. On CPU, launch computes everything at once.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -14,8 +23,18 @@ from engine.kv_cache import TORCH_DTYPES, KVCache
 from engine.kv_layout import KVLayout
 from engine.loader import init_dummy, load_safetensors
 from engine.models.llama import CausalLM
-from engine.plan import StepPlan, StepResult
+from engine.plan import ScheduledRow, StepPlan, StepResult
 from engine.sampler import Sampler
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchedStep:
+    """A step queued on the device; `ModelRunner.collect` turns it into its StepResult."""
+
+    sampling_rows: tuple[ScheduledRow, ...]
+    token_ids: torch.Tensor  # [len(sampling_rows)] int64 on the host, valid once `done` fired
+    raw_logprobs: torch.Tensor | None  # [R, vocab] on the device, when a row asks for logprobs
+    done: torch.cuda.Event | None  # recorded after the host copy of token_ids; None: on CPU
 
 
 def kv_layout_for(config: EngineConfig) -> KVLayout:
@@ -64,20 +83,84 @@ class ModelRunner:
             cpu_layers.use_cpu_kernels(self.model)
         self.kv_cache = KVCache(kv_layout_for(config), self.device)
         self.sampler = Sampler(config.model.vocab_size, self.device, config.seed, num_valid_tokens)
+        # the token ids the latest launch sampled (on the device) and each sampling request's
+        # index in them: the inputs of the next plan's token_on_device rows
+        self._last_sampled: tuple[torch.Tensor, dict[str, int]] = (
+            torch.zeros(0, dtype=torch.long, device=self.device),
+            {},
+        )
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        return self.collect(self.launch(plan))
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult:
+    def launch(self, plan: StepPlan) -> LaunchedStep:
         input_ids, positions, meta, sample_idx = self._prepare(plan)
         hidden = self.model(input_ids, positions, meta, self.kv_cache)  # [N, hidden]
-        sampling_rows = [r for r in plan.rows if r.sample]
+        sampling_rows = tuple(r for r in plan.rows if r.sample)
         if not sampling_rows:
-            return StepResult({}, {})
+            return self._launched(sampling_rows, None, None)
         logits = self.model.compute_logits(hidden[sample_idx])  # [R, vocab]
-        token_ids, logprobs = self.sampler(logits, sampling_rows)
+        next_ids, raw_logprobs = self.sampler.sample(logits, sampling_rows)
+        return self._launched(sampling_rows, next_ids, raw_logprobs)
+
+    def collect(self, launched: LaunchedStep) -> StepResult:
+        """Wait for the launched step's token ids (the step's one host sync)."""
+        if launched.done is not None:
+            launched.done.synchronize()
+        rows = launched.sampling_rows
+        token_ids: list[int] = launched.token_ids.tolist()
+        logprobs = self.sampler.logprobs(token_ids, launched.raw_logprobs, rows)
         return StepResult(
-            {r.request_id: t for r, t in zip(sampling_rows, token_ids, strict=True)},
-            {r.request_id: lp for r, lp in zip(sampling_rows, logprobs, strict=True) if lp},
+            {r.request_id: t for r, t in zip(rows, token_ids, strict=True)},
+            {r.request_id: lp for r, lp in zip(rows, logprobs, strict=True) if lp},
         )
+
+    def _launched(
+        self,
+        rows: tuple[ScheduledRow, ...],
+        next_ids: torch.Tensor | None,
+        raw_logprobs: torch.Tensor | None,
+    ) -> LaunchedStep:
+        """Keep `next_ids` for the next plan and start its copy to the host."""
+        if next_ids is None:
+            next_ids = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._last_sampled = (next_ids, {r.request_id: i for i, r in enumerate(rows)})
+        if self.device.type != "cuda":
+            return LaunchedStep(rows, next_ids, raw_logprobs, None)
+        host = torch.empty(next_ids.shape, dtype=torch.long, pin_memory=True)
+        host.copy_(next_ids, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return LaunchedStep(rows, host, raw_logprobs, done)
+
+    def _feed_on_device(
+        self, input_ids: torch.Tensor, rows: list[int], request_ids: list[str]
+    ) -> None:
+        """input_ids[rows[k]] = the token the previous launch sampled for request_ids[k], on
+        the device (queued: no host sync)."""
+        if not rows:
+            return
+        prev_ids, index = self._last_sampled
+        missing = [r for r in request_ids if r not in index]
+        if missing:
+            raise RuntimeError(
+                f"token_on_device rows for {missing[:3]}: the previous launch did not sample them"
+            )
+        src = [index[r] for r in request_ids]
+        k = len(rows)
+        if rows == list(range(rows[0], rows[0] + k)) and src == list(range(src[0], src[0] + k)):
+            input_ids[rows[0] : rows[0] + k].copy_(prev_ids[src[0] : src[0] + k])
+            return
+        dst_t = self._index_tensor(rows)
+        src_t = self._index_tensor(src)
+        input_ids.index_copy_(0, dst_t, prev_ids.index_select(0, src_t))
+
+    def _index_tensor(self, values: list[int]) -> torch.Tensor:
+        t = torch.tensor(values, dtype=torch.long)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def _prepare(
         self, plan: StepPlan
@@ -91,10 +174,16 @@ class ModelRunner:
         decode_tables: list[tuple[int, ...]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillSpan] = []
+        on_device_rows: list[int] = []
+        on_device_ids: list[str] = []
         for row in plan.rows:
             start, n = len(input_ids), row.num_new_tokens
             first = row.num_computed_tokens
             input_ids.extend(row.token_ids)
+            if row.token_on_device:
+                on_device_rows.append(start)
+                on_device_ids.append(row.request_id)
+                input_ids.append(0)  # overwritten on the device below
             pos = range(first, first + n)
             positions.extend(pos)
             table = row.block_table
@@ -125,12 +214,9 @@ class ModelRunner:
             ),
             prefills=tuple(prefills),
         )
-        return (
-            torch.tensor(input_ids, dtype=torch.long).to(dev),
-            pos_t.to(dev),
-            meta,
-            torch.tensor(sample_idx, dtype=torch.long).to(dev),
-        )
+        ids_t = torch.tensor(input_ids, dtype=torch.long).to(dev)
+        self._feed_on_device(ids_t, on_device_rows, on_device_ids)
+        return (ids_t, pos_t.to(dev), meta, torch.tensor(sample_idx, dtype=torch.long).to(dev))
 
     def _prefill_span(
         self, start: int, num_computed: int, n: int, table: tuple[int, ...]

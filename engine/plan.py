@@ -22,10 +22,14 @@ class ScheduledRow:
     penalty_context: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     # Token ids banned this step (EOS / stop ids while num_output_tokens < min_tokens).
     banned_token_ids: tuple[int, ...] = ()
+    # Overlapped steps only: a decode row whose one input token is the token this request
+    # sampled in the step launched just before this one, still on the device (its host copy
+    # is not read yet). token_ids is then empty; the runner feeds the token on the device.
+    token_on_device: bool = False
 
     @property
     def num_new_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.token_on_device
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +39,7 @@ class StepPlan:
 
     @property
     def num_scheduled_tokens(self) -> int:
-        return sum(len(r.token_ids) for r in self.rows)
+        return sum(r.num_new_tokens for r in self.rows)
 
     @property
     def is_empty(self) -> bool:

@@ -45,7 +45,10 @@ class Request:
     token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     block_table: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
+    num_computed_tokens: int = 0  # advanced when a step is scheduled (its KV will be there)
+    # Overlapped steps: tokens sampled by launched steps whose results are not read yet (0 or
+    # 1); they follow token_ids, and a step scheduled meanwhile counts them as there.
+    num_pending_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at admission
     block_hashes: list[int] = field(default_factory=list)  # of full blocks of token_ids
     num_committed_blocks: int = 0
@@ -71,6 +74,10 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def output_token_ids(self) -> list[int]:

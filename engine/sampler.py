@@ -39,6 +39,16 @@ class Sampler:
         self, logits: torch.Tensor, rows: Sequence[ScheduledRow]
     ) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits: [num_rows, vocab] (any float dtype), one row per sampling ScheduledRow."""
+        next_ids, raw_logprobs = self.sample(logits, rows)
+        token_ids: list[int] = next_ids.tolist()  # the step's one host sync for tokens
+        return token_ids, self.logprobs(token_ids, raw_logprobs, rows)
+
+    def sample(
+        self, logits: torch.Tensor, rows: Sequence[ScheduledRow]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The device half: [R] next token ids and, when a row asks for logprobs, the raw
+        [R, vocab] log-softmax, both still on the device (no host sync for greedy rows with
+        no logit_bias, bans or penalties: those copy small index tensors from the host)."""
         logits = logits.float()
         raw_logprobs = None
         if any(r.sampling.logprobs is not None for r in rows):
@@ -57,7 +67,15 @@ class Sampler:
             idx = torch.tensor(random, device=logits.device)
             next_ids[idx] = self._draw(logits[idx], [rows[i] for i in random])
 
-        token_ids: list[int] = next_ids.tolist()  # the step's one host sync for tokens
+        return next_ids, raw_logprobs
+
+    def logprobs(
+        self,
+        token_ids: list[int],
+        raw_logprobs: torch.Tensor | None,
+        rows: Sequence[ScheduledRow],
+    ) -> list[TokenLogprob | None]:
+        """The host half: each row's TokenLogprob (None where it asked for none)."""
         logprobs: list[TokenLogprob | None] = [None] * len(rows)
         if raw_logprobs is not None:
             for i, r in enumerate(rows):
@@ -69,7 +87,7 @@ class Sampler:
                     vals, ids = lp.topk(r.sampling.logprobs)
                     top = tuple(zip(ids.tolist(), vals.tolist(), strict=True))
                 logprobs[i] = TokenLogprob(token_ids[i], float(lp[token_ids[i]]), top)
-        return token_ids, logprobs
+        return logprobs
 
     def _process(self, logits: torch.Tensor, rows: Sequence[ScheduledRow]) -> torch.Tensor:
         if self.num_valid_tokens is not None and self.num_valid_tokens < logits.shape[1]:

@@ -5,6 +5,17 @@ There is no prefill or decode phase: every running request has `num_tokens` and
 `num_computed_tokens`, and a step gives each some of the token budget to close the gap
 (1 token for a decoding request, a chunk for a prefilling one), as vLLM v1 does.
 
+Overlapped steps (engine/engine.py, GPU): the engine schedules step N+1 before it has read the
+tokens of step N. A request that samples in a scheduled step gets a pending token
+(`Request.num_pending_tokens`) at once; the next plan gives it a decode row with
+`token_on_device` (the runner feeds that token on the device) and counts the pending token in
+its output position. `update` then runs one step late: it appends the token, or drops the
+result of a request that finished, was aborted or was preempted meanwhile. A request runs
+ahead only when its next row cannot depend on the unread token (no penalties, which need the
+output ids on the host; not at max_tokens / max_model_len, where it will finish; not one whose
+blocks are held for a hand-off); otherwise it skips a step. With no step in flight (the
+synchronous loop) there are never pending tokens and all of this is inert.
+
 Role hooks (the engine is role-neutral; the workers pick):
   - prefill role: a request added with hold_kv_on_finish keeps its blocks after it finishes,
     until `release_held` (the KV hand-off is done);
@@ -83,7 +94,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_pending_tokens and not self._can_run_ahead(req):
+                i += 1  # waits for its pending token's result (read by the next update)
+                continue
+            n = min(req.num_tokens_with_pending - req.num_computed_tokens, budget)
             need = self._blocks_for(req.num_computed_tokens + n) - len(req.block_table)
             while need > 0 and not self.bm.can_allocate(need):
                 victim = self.running.pop()  # the latest admitted goes first
@@ -110,7 +124,21 @@ class Scheduler:
             rows.append(self._row(req, chunk))
             budget -= chunk
         rows.sort(key=lambda r: r.num_new_tokens != 1)  # decode rows first, stable otherwise
+        for row in rows:  # the plan will run: its KV will be there, its samples pending
+            req = self.requests[row.request_id]
+            req.num_computed_tokens += row.num_new_tokens
+            req.num_pending_tokens += row.sample
         return StepPlan(tuple(rows), tuple(preempted))
+
+    def _can_run_ahead(self, req: Request) -> bool:
+        """May `req` be scheduled while its pending token is unread (see the module doc)?"""
+        num_output = req.num_output_tokens + req.num_pending_tokens
+        return (
+            not req.params.needs_penalties
+            and not req.hold_kv_on_finish
+            and num_output < req.max_tokens
+            and req.num_tokens_with_pending < self.config.max_model_len
+        )
 
     def _admit(self, req: Request, budget: int) -> int | None:
         """Give a waiting request its prefix-cache hits and blocks for its first chunk.
@@ -143,6 +171,7 @@ class Scheduler:
         req.block_table = []
         req.num_computed_tokens = 0
         req.num_committed_blocks = 0
+        req.num_pending_tokens = 0  # an in-flight sample of it is dropped by update
         req.num_preemptions += 1
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
@@ -150,39 +179,53 @@ class Scheduler:
 
     def _row(self, req: Request, n: int) -> ScheduledRow:
         start = req.num_computed_tokens
-        sample = start + n == req.num_tokens
+        sample = start + n == req.num_tokens_with_pending
+        # a pending token is always the last one and only ever computed alone (a decode row):
+        # the tokens before it were all computed by the step that sampled it
+        on_device = req.num_pending_tokens > 0
+        assert not on_device or (n == 1 and start == req.num_tokens), "pending row not decode"
+        num_output = req.num_output_tokens + req.num_pending_tokens
         sp = req.params
         penalty = None
         if sample and sp.needs_penalties:
             penalty = (req.prompt_token_ids, tuple(req.output_token_ids))
         banned: tuple[int, ...] = ()
-        if sample and req.num_output_tokens < sp.min_tokens:
+        if sample and num_output < sp.min_tokens:
             banned = tuple(sorted(req.stop_token_ids))
         return ScheduledRow(
             request_id=req.request_id,
-            token_ids=tuple(req.token_ids[start : start + n]),
+            token_ids=() if on_device else tuple(req.token_ids[start : start + n]),
             num_computed_tokens=start,
             block_table=tuple(req.block_table),
             sample=sample,
             sampling=sp,
-            num_output_tokens=req.num_output_tokens,
+            num_output_tokens=num_output,
             penalty_context=penalty,
             banned_token_ids=banned,
+            token_on_device=on_device,
         )
 
     # ---- after the forward pass -----------------------------------------------------------
     def update(self, plan: StepPlan, result: StepResult) -> list[Request]:
-        """Advance computed counts, commit full blocks, append sampled tokens, finish on
-        EOS/stop id/length. Returns the requests that got a token (finished ones included)."""
+        """The step that ran `plan` is over: commit full blocks, append sampled tokens, finish
+        on EOS/stop id/length. Returns the requests that got a token (finished ones included).
+
+        Rows of requests that are gone (finished or aborted since `plan` was scheduled) or no
+        longer running (preempted since: they recompute) are dropped: only possible when a
+        later step was scheduled before this update (overlapped steps).
+        """
         touched: list[Request] = []
         for row in plan.rows:
-            req = self.requests[row.request_id]
-            req.num_computed_tokens += row.num_new_tokens
+            req = self.requests.get(row.request_id)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue
             self._commit_full_blocks(req)
             if not row.sample:
                 continue
             token = result.sampled_token_ids[row.request_id]
+            req.num_pending_tokens -= 1
             req.token_ids.append(token)
+            self._commit_full_blocks(req)  # the token may complete a block computed earlier
             touched.append(req)
             if token in req.stop_token_ids:  # never sampled before min_tokens (banned)
                 self.finish(req, FinishReason.STOP, stop_reason=token)
@@ -196,7 +239,10 @@ class Scheduler:
     def _commit_full_blocks(self, req: Request) -> None:
         if not self.config.enable_prefix_caching:
             return
-        num_full = req.num_computed_tokens // self.block_size
+        # a block is committed once its KV is scheduled and its tokens are known on the host
+        # (a block holding a pending token waits; the KV of a step still in flight is written
+        # before any later step reads it: one CUDA stream)
+        num_full = min(req.num_computed_tokens, req.num_tokens) // self.block_size
         if num_full <= req.num_committed_blocks:
             return
         req.update_block_hashes(self.block_size)
