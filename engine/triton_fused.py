@@ -23,7 +23,7 @@ def _rms_norm_kernel(X, W, Out, stride_x, stride_o, N, eps, BLOCK: tl.constexpr)
     mask = cols < N
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     var = tl.sum(x * x, 0) / N
-    y = (x * (1.0 / tl.sqrt(var + eps))).to(Out.dtype.element_ty)
+    y = (x * tl.rsqrt(var + eps)).to(Out.dtype.element_ty)
     w = tl.load(W + cols, mask=mask)
     out = (w.to(tl.float32) * y.to(tl.float32)).to(Out.dtype.element_ty)
     tl.store(Out + row * stride_o + cols, out, mask=mask)
@@ -61,7 +61,7 @@ def _add_rms_norm_kernel(X, R, W, Out, ResOut, stride_x, stride_r, N, eps, BLOCK
     tl.store(ResOut + row * N + cols, s, mask=mask)
     s32 = s.to(tl.float32)
     var = tl.sum(s32 * s32, 0) / N
-    y = (s32 * (1.0 / tl.sqrt(var + eps))).to(dt)
+    y = (s32 * tl.rsqrt(var + eps)).to(dt)
     w = tl.load(W + cols, mask=mask)
     tl.store(Out + row * N + cols, (w.to(tl.float32) * y.to(tl.float32)).to(dt), mask=mask)
 
