@@ -41,6 +41,9 @@ fi
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 \
   HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false NIXL_LOG_LEVEL=WARN UCX_LOG_LEVEL=warn \
   PYTHONUNBUFFERED=1
+# fail fast on a module the image and the bundles lack (every process imports its own at start)
+$PY -c "import httptools, uvloop, fastapi, uvicorn, grpc, ray, nixl_cu13._api, router.__main__, \
+prefill_worker.__main__, decode_worker.__main__" || exit 1
 MODEL=/tmp/gp-model/$(basename "$MODEL_CONFIG")
 $PY scripts/device/dummy_model_dir.py "$MODEL_CONFIG" "$MODEL" >/dev/null || exit 1
 { date -u; nvidia-smi -L 2>&1; nvidia-smi topo -m 2>&1; uptime; nproc; } >"$R/machine.txt"
