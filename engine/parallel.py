@@ -12,6 +12,8 @@ built; NCCL for tensors on GPUs, gloo on CPU). Every rank holds:
 
 Rank 0 owns the scheduler; each step it broadcasts the StepPlan to the other ranks over a gloo
 group (a few hundred bytes of pickle) and all ranks run the same forward; only rank 0 samples.
+With overlapped steps rank 0 also broadcasts the sampled ids over NCCL (on the stream, no host
+sync), since the next plan's token_on_device rows read them on every rank.
 
 Invariant: num_heads and num_kv_heads are multiples of the world size (checked at start).
 """
