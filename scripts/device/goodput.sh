@@ -18,19 +18,21 @@
 #   DEADLINE_S  whole-script budget (540): a deployment that cannot finish in time is skipped
 #   MODE_MIN_S  seconds a deployment needs at least (start + one sweep) (150)
 #   BENCH_ARGS  extra flags of bench.goodput run (SLOs)
+#   PROBE_N     low-load probe: requests one at a time (24; 0: none), PROBE_ISL (3000), PROBE_OSL (16)
 # Rehearsal on a CPU box: see docs/benchmarks.md "Goodput on two GPUs (issue 8)".
 set -u
 T0=$(date +%s)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 R=${WORKDIR:-/tmp/gp-run}/r; rm -rf "$R"; mkdir -p "$R"  # packed into $OUT (at most 8 files come back)
 DEPLOYS=${DEPLOYS:-"collocated:collocated:0:2 disagg:disagg:1:1 auto:auto:1:1"}
-WORKLOADS=${WORKLOADS:-3k150}
+WORKLOADS=${WORKLOADS-3k150}  # "" : the probe alone
 DURATION_S=${DURATION_S:-12}; MIN_REQUESTS=${MIN_REQUESTS:-8}
 DEADLINE_S=${DEADLINE_S:-540}; MODE_MIN_S=${MODE_MIN_S:-150}
 MODEL_CONFIG=${MODEL_CONFIG:-engine/model_configs/llama-3.1-8b}
 SERVE_ARGS=${SERVE_ARGS:-"--launcher ray --load-format dummy --dtype bfloat16 --kv-cache-gib 60 --max-model-len 10240"}
 BENCH_ARGS=${BENCH_ARGS:-"--slo-ttft 1 --slo-itl 0.020 --slo-ttft-loose 2 --slo-itl-loose 0.050"}
 : "${RATES_3k150:=1,3,5,7,9,11}" "${RATES_8k1k:=0.5,1,1.5,2}" "${RATES_multiturn:=2,4,8,12}"
+PROBE_N=${PROBE_N:-24}; PROBE_ISL=${PROBE_ISL:-3000}; PROBE_OSL=${PROBE_OSL:-16}
 PY=${PY:-python3}
 
 if [ -d .whl ] && [ -z "${NO_BUNDLES:-}" ]; then
@@ -80,6 +82,16 @@ for deploy in $DEPLOYS; do
   done
   if grep -q "Tandem is serving" "$R/serve-$LABEL.log"; then
     echo "[$(elapsed)s] $LABEL serving"; grep -E "^  (prefill|decode)-" "$R/serve-$LABEL.log"
+    if [ "$PROBE_N" -gt 0 ]; then
+      # low load: one request at a time (TTFT with no queueing), metrics before and after so
+      # that the differences split TTFT into its parts (prefill, KV transfer, the rest)
+      timeout 20 $PY scripts/device/scrape_metrics.py "$URL" "$R/probe-$LABEL-before.txt"
+      timeout 120 $PY -m bench.serve --url "$URL" --isl "$PROBE_ISL" --osl "$PROBE_OSL" \
+        --num-requests "$PROBE_N" --concurrency 1 --warmup-requests 2 --seed 5 --json \
+        >"$R/probe-$LABEL.json" 2>"$R/probe-$LABEL.log"
+      echo "[$(elapsed)s] $LABEL probe rc=$?"
+      timeout 20 $PY scripts/device/scrape_metrics.py "$URL" "$R/probe-$LABEL-after.txt"
+    fi
     for wl in $WORKLOADS; do
       left=$(( DEADLINE_S - $(elapsed) - 25 ))
       [ $left -lt 40 ] && { echo "[$(elapsed)s] skip $LABEL/$wl: ${left}s left" | tee -a "$R/skipped.txt"; continue; }
@@ -114,6 +126,10 @@ import json, sys
 from bench.goodput import format_table
 print(format_table([json.load(open(p)) for p in sys.argv[1:]]))" $files
     echo
+  done
+  for f in "$R"/probe-*-after.txt; do
+    [ -f "$f" ] || continue
+    $PY scripts/device/ttft_parts.py "${f%-after.txt}-before.txt" "$f" "${f%-after.txt}.json"
   done
   for f in "$R"/metrics-*.txt; do
     [ -f "$f" ] || continue
