@@ -7,6 +7,10 @@ For each dtype (bf16, fp32):
       decode:  the same texts fed one true token per step, all texts batched (CUDA graph,
                Triton decode kernel); the greedy sample of each step is Tandem's top-1;
     against transformers' logits of one full forward over each text;
+  - the same agreement (prefill path) on a second, separately reported text set: the model's
+    own greedy continuation (transformers fp32, CONTINUATION tokens after each chat prompt),
+    positions predicting the continuation only. Natural text has many near-tied top-2 logits;
+    the model's own continuation fewer. Both sets are always reported;
   - greedy text: the first 32 new tokens of each prompt, Tandem LLM.generate (all prompts
     batched) vs transformers generate (each prompt alone).
 Prints a table and one JSON line.
@@ -75,6 +79,7 @@ CHATS = [
     "Give me a tip for learning a new language.",
 ]
 GREEDY_TOKENS = 32
+CONTINUATION = 200  # tokens of the model's own greedy continuation per chat prompt
 CHUNK = 100  # prefill chunk size for the teacher-forced prefill path (cached prefix after #1)
 
 
@@ -165,7 +170,58 @@ def _teacher_forced_decode(llm: LLM, texts: list[list[int]], first: int) -> list
     return picks
 
 
-def run(model_dir: Path, dtype_name: str) -> dict[str, Any]:
+def _chat_prompts(model_dir: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return [
+        tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False
+            )
+        )["input_ids"]
+        for c in CHATS
+    ]
+
+
+@torch.inference_mode()
+def own_continuations(model_dir: Path) -> list[tuple[list[int], list[int]]]:
+    """(prompt, transformers fp32 greedy continuation of CONTINUATION tokens) per chat prompt:
+    a text set neutral to both bf16 implementations (neither produced it)."""
+    hf = _hf(model_dir, torch.float32)
+    out = []
+    for p in _chat_prompts(model_dir):
+        ids = torch.tensor([p], device="cuda")
+        gen = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=CONTINUATION,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        out.append((p, gen[0, len(p) :].tolist()))
+    del hf
+    torch.cuda.empty_cache()
+    return out
+
+
+def _continuation_top1(
+    hf: Any, llm: LLM, sets: list[tuple[list[int], list[int]]]
+) -> tuple[float, int]:
+    """Top-1 agreement (prefill path) at the positions that predict each continuation."""
+    texts = [p + c for p, c in sets]
+    ours = _teacher_forced_prefill(llm, texts)
+    with torch.inference_mode():
+        ref = [hf(torch.tensor([t], device="cuda")).logits[0].float() for t in texts]
+    a = [x[len(p) - 1 : len(p) - 1 + len(c)] for x, (p, c) in zip(ours, sets, strict=True)]
+    b = [x[len(p) - 1 : len(p) - 1 + len(c)] for x, (p, c) in zip(ref, sets, strict=True)]
+    return _top1(a, b), sum(len(x) for x in a)
+
+
+def run(
+    model_dir: Path, dtype_name: str, continuations: list[tuple[list[int], list[int]]]
+) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype_name]
@@ -197,15 +253,10 @@ def run(model_dir: Path, dtype_name: str) -> dict[str, Any]:
         top1 = r.argmax(-1)[first - 1 : first - 1 + len(p)].tolist()
         dec_agree += sum(int(x == y) for x, y in zip(p, top1, strict=True))
         dec_total += len(p)
+    # second text set: the model's own (fp32) greedy continuations
+    cont_top1, cont_total = _continuation_top1(hf, llm, continuations)
     # greedy text: chat prompts
-    prompts = [
-        tok(
-            tok.apply_chat_template(
-                [{"role": "user", "content": c}], add_generation_prompt=True, tokenize=False
-            )
-        )["input_ids"]
-        for c in CHATS
-    ]
+    prompts = _chat_prompts(model_dir)
     params = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True)
     mine = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
     theirs = []
@@ -233,6 +284,8 @@ def run(model_dir: Path, dtype_name: str) -> dict[str, Any]:
         "prefill_positions": pre_total,
         "decode_top1": dec_agree / dec_total,
         "decode_positions": dec_total,
+        "continuation_top1": cont_top1,
+        "continuation_positions": cont_total,
         "greedy_identical": sum(same),
         "greedy_prompts": len(same),
         "greedy_first_diff": first_diff,
@@ -248,14 +301,19 @@ def main() -> None:
     p.add_argument("--dtypes", default="bfloat16,float32")
     ns = p.parse_args()
     started = time.time()
-    results = [run(Path(ns.model), d) for d in ns.dtypes.split(",")]
+    continuations = own_continuations(Path(ns.model))
+    results = [run(Path(ns.model), d, continuations) for d in ns.dtypes.split(",")]
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
-    print(f"{'dtype':<10}{'prefill top-1':>22}{'decode top-1':>22}{'greedy 32 identical':>22}")
+    print(
+        f"{'dtype':<10}{'natural: prefill top-1':>26}{'decode top-1':>22}"
+        f"{'own continuation top-1':>28}{'greedy 32 identical':>22}"
+    )
     for r in results:
         print(
             f"{r['dtype']:<10}"
-            f"{r['prefill_top1']:>15.4f} ({r['prefill_positions']})"
+            f"{r['prefill_top1']:>19.4f} ({r['prefill_positions']})"
             f"{r['decode_top1']:>15.4f} ({r['decode_positions']})"
+            f"{r['continuation_top1']:>21.4f} ({r['continuation_positions']})"
             f"{r['greedy_identical']:>18}/{r['greedy_prompts']}"
         )
     for r in results:
