@@ -1,7 +1,8 @@
 """Online serving benchmark for any OpenAI-compatible endpoint (Tandem, vLLM, ...).
 
-Every request is a streamed `/v1/completions` call whose prompt is exactly ISL random token
-ids (a list-of-ids prompt, so no tokenizer is involved and no prefix is shared), with
+Every request is a streamed `/v1/completions` call (`--no-stream`: a whole JSON response, whose
+TTFT is its E2E and which has no ITL) whose prompt is exactly ISL random token ids (a
+list-of-ids prompt, so no tokenizer is involved and no prefix is shared), with
 `max_tokens=OSL`, `ignore_eos=true` and `stream_options.include_usage`, so each request
 generates exactly OSL tokens. Load is closed-loop (`--concurrency C`: C requests in flight)
 or open-loop (`--rate R`: Poisson arrivals at R requests/s, optionally capped by C).
@@ -14,6 +15,10 @@ Metrics, all from the client's clock (time.perf_counter):
 Goodput at the SLO: a request is good when TTFT <= --slo-ttft and its TPOT (its *mean*
 inter-token latency, as in DistServe and `vllm bench serve --goodput tpot:`) <= --slo-itl;
 goodput = good requests / benchmark duration.
+
+Against a Tandem router the summary also has `router_overhead`: the router's own
+`tandem_router_overhead[_cpu]_seconds` and `dispatch_seconds` histograms diffed around the
+measured requests (bench/router_metrics.py; nothing else may use the router meanwhile).
 
     tandem bench serve --url http://127.0.0.1:8000 --isl 128 --osl 64 --concurrency 8 \\
         --num-requests 64 --slo-ttft 0.5 --slo-itl 0.05
@@ -35,6 +40,8 @@ from typing import Any
 
 import httpx
 
+from bench import router_metrics
+
 PERCENTILES = (50, 90, 99)
 
 
@@ -54,6 +61,7 @@ class BenchConfig:
     token_id_high: int = 10000  # in any tokenizer with >= 10k tokens, no special tokens
     warmup_requests: int = 0
     timeout_s: float = 600.0
+    stream: bool = True
 
     def __post_init__(self) -> None:
         if self.isl < 1 or self.osl < 1 or self.num_requests < 1:
@@ -111,6 +119,8 @@ async def one_request(
         "model": model, "prompt": prompt, "max_tokens": config.osl, "temperature": 0.0,
         "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
     }  # fmt: skip
+    if not config.stream:
+        return await _one_whole(client, body, time.perf_counter())
     result = RequestResult(ok=False)
     start = time.perf_counter()
     last: float | None = None
@@ -150,6 +160,28 @@ async def one_request(
     return result
 
 
+async def _one_whole(
+    client: httpx.AsyncClient, body: dict[str, Any], start: float
+) -> RequestResult:
+    """A non-streamed request: TTFT and E2E are both the time to the whole response."""
+    del body["stream_options"]
+    body["stream"] = False
+    result = RequestResult(ok=False)
+    try:
+        response = await client.post("/v1/completions", json=body)
+        result.e2e_s = result.ttft_s = time.perf_counter() - start
+        if response.status_code != 200:
+            result.error = f"HTTP {response.status_code}: {response.text[:200]}"
+            return result
+        usage = response.json()["usage"]
+        result.prompt_tokens = usage["prompt_tokens"]
+        result.output_tokens = usage["completion_tokens"]
+        result.ok = True
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    return result
+
+
 async def run(config: BenchConfig) -> dict[str, Any]:
     limits = httpx.Limits(
         max_connections=config.concurrency or 1000, max_keepalive_connections=None
@@ -162,6 +194,7 @@ async def run(config: BenchConfig) -> dict[str, Any]:
             await asyncio.gather(*(one_request(client, config, model, p) for p in warm))
         prompts = make_prompts(config, config.num_requests)
         offsets = arrival_offsets_s(config)
+        before = await router_metrics.scrape(client)
         gate = asyncio.Semaphore(config.concurrency or config.num_requests)
         start = time.perf_counter()
 
@@ -174,7 +207,11 @@ async def run(config: BenchConfig) -> dict[str, Any]:
             *(scheduled(p, o) for p, o in zip(prompts, offsets, strict=True))
         )
         duration_s = time.perf_counter() - start
-    return summarize(config, model, list(results), duration_s)
+        after = await router_metrics.scrape(client) if before is not None else None
+    summary = summarize(config, model, list(results), duration_s)
+    if before is not None and after is not None:
+        summary["router_overhead"] = router_metrics.diff_quantiles(before, after, PERCENTILES)
+    return summary
 
 
 async def first_model(client: httpx.AsyncClient) -> str:
@@ -262,6 +299,9 @@ def format_table(summary: dict[str, Any]) -> str:
             f"({summary['slo_attainment']:.0%} within TTFT <= {c['slo_ttft_s']} s, "
             f"TPOT <= {c['slo_itl_s']} s)"
         )
+    for name, row in summary.get("router_overhead", {}).items():
+        cells = "".join(f"{row[k] * 1000:>10.2f}" for k in ("mean", "p50", "p90", "p99"))
+        lines.append(f"router {name:<13}{cells}  ({row['count']} requests)")
     for error in summary["errors"]:
         lines.append(f"error: {error}")
     return "\n".join(lines)
@@ -284,6 +324,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="prompt ids are drawn from [LOW, HIGH)",
     )  # fmt: skip
     p.add_argument("--timeout-s", type=float, default=600.0)
+    p.add_argument(
+        "--no-stream",
+        dest="stream",
+        action="store_false",
+        help="non-streamed requests (whole JSON responses)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON only")
 
 
@@ -314,6 +360,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         token_id_high=args.token_id_range[1],
         warmup_requests=args.warmup_requests,
         timeout_s=args.timeout_s,
+        stream=args.stream,
     )
 
 

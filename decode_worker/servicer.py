@@ -120,13 +120,21 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
                 outputs = self.engine.generate(rid, prompt, params, resume_output_token_ids=resumed)
             num_tokens = len(resumed)  # usage counts the whole output, before and after a move
             first = True
+            interval = request.output_interval
+            held: list[RequestOutput] = []  # outputs not sent yet (output_interval > 1)
+            held_tokens = 0
             async for out in outputs:
-                msg = _to_proto(out)
+                held.append(out)
+                held_tokens += len(out.new_token_ids)
+                if not (first or out.finished or held_tokens >= interval):
+                    continue
+                msg = _to_proto(held)
+                held, held_tokens = [], 0
                 if first:
                     first = False
                     msg.prefill_s = time.monotonic() - start
                     msg.kv_transfer_s = kv_transfer_s
-                num_tokens += len(out.new_token_ids)
+                num_tokens += len(msg.token_ids)
                 if out.finished:
                     msg.usage.completion_tokens = num_tokens
                     if remote_cached is not None:
@@ -229,12 +237,21 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         await self.engine.call(lambda e: e.cancel_kv_reservation(rid))
 
 
-def _to_proto(out: RequestOutput) -> pb.GenerateResponse:
+def _to_proto(outs: list[RequestOutput]) -> pb.GenerateResponse:
+    """One message for consecutive outputs of one request (one per engine step, in order);
+    only the last may be finished."""
+    out = outs[-1]
+    if len(outs) == 1:
+        token_ids, text, logprobs = out.new_token_ids, out.text_delta, out.new_logprobs
+    else:
+        token_ids = tuple(t for o in outs for t in o.new_token_ids)
+        text = "".join(o.text_delta for o in outs)
+        logprobs = tuple(lp for o in outs for lp in o.new_logprobs)
     msg = pb.GenerateResponse(
         request_id=out.request_id,
-        token_ids=out.new_token_ids,
-        text=out.text_delta,
-        logprobs=[logprob_to_proto(lp.token_id, lp.logprob, lp.top) for lp in out.new_logprobs],
+        token_ids=token_ids,
+        text=text,
+        logprobs=[logprob_to_proto(lp.token_id, lp.logprob, lp.top) for lp in logprobs],
         finished=out.finished,
     )
     if out.finished:

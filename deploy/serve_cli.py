@@ -58,6 +58,10 @@ def add_parsers(sub: Any, model_dir: Any) -> None:
         "--request-timeout-s", type=float, default=None,
         help="router: requests running longer end with 504 (default: the router's, 600)",
     )  # fmt: skip
+    serve.add_argument(
+        "--stream-interval", type=int, default=None,
+        help="router: tokens per streamed SSE chunk (default: the router's, 1)",
+    )  # fmt: skip
     add_tls_args(serve.add_argument_group("TLS of every gRPC server and channel"))
     serve.add_argument(
         "--worker-host", default=None,
@@ -166,6 +170,8 @@ def _router_args(args: argparse.Namespace) -> tuple[str, ...]:
         out += ["--max-output-tokens", str(args.max_output_tokens)]
     if args.request_timeout_s is not None:
         out += ["--request-timeout-s", str(args.request_timeout_s)]
+    if args.stream_interval is not None:
+        out += ["--stream-interval", str(args.stream_interval)]
     return tuple(out)
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12proto/tandem.proto\x12\ttandem.v1\"\xca\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05min_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x04\x88\x01\x01\x12<\n\nlogit_bias\x18\x0b \x03(\x0b\x32(.tandem.v1.SamplingParams.LogitBiasEntry\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08\x12\x12\n\nignore_eos\x18\x0f \x01(\x08\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\x05\x88\x01\x01\x12\x1b\n\x13keep_special_tokens\x18\x11 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobs\"l\n\x0bPrefillPlan\x12(\n\x05local\x18\x01 \x01(\x0b\x32\x17.tandem.v1.LocalPrefillH\x00\x12*\n\x06remote\x18\x02 \x01(\x0b\x32\x18.tandem.v1.RemotePrefillH\x00\x42\x07\n\x05where\"\x0e\n\x0cLocalPrefill\"C\n\rRemotePrefill\x12\x19\n\x11prefill_worker_id\x18\x01 \x01(\t\x12\x17\n\x0fprefill_address\x18\x02 \x01(\t\"\xcf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\'\n\x07prefill\x18\x04 \x01(\x0b\x32\x16.tandem.v1.PrefillPlan\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x05 \x01(\x01\x12\x1f\n\x17resume_output_token_ids\x18\x06 \x03(\r\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xc2\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x13\n\x0bstop_string\x18\x07 \x01(\t\x12\x1a\n\rstop_token_id\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x1f\n\x05usage\x18\t \x01(\x0b\x32\x10.tandem.v1.Usage\x12\x11\n\tprefill_s\x18\n \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x0b \x01(\x01\x42\x10\n\x0e_stop_token_id\"\x85\x01\n\x08KVHandle\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nsink_agent\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x13\n\x0blayout_hash\x18\x05 \x01(\t\x12\x14\n\x0csink_address\x18\x06 \x01(\t\"\xa5\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x1f\n\x02kv\x18\x04 \x01(\x0b\x32\x13.tandem.v1.KVHandle\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x05 \x01(\x01\"\xae\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12.\n\rfirst_logprob\x18\x03 \x01(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x11\n\tprefill_s\x18\x05 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x06 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"h\n\x0eHealthResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x17\n\x0fmetrics_address\x18\x05 \x01(\t\"#\n\x0bLoadRequest\x12\x14\n\x0c\x61udit_blocks\x18\x01 \x01(\x08\"w\n\nBlockAudit\x12\x10\n\x08num_free\x18\x01 \x01(\r\x12\x12\n\nnum_cached\x18\x02 \x01(\r\x12\x10\n\x08num_used\x18\x03 \x01(\r\x12\x11\n\tnum_total\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0f\n\x07holders\x18\x06 \x03(\t\"\xab\x02\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x18\n\x10num_blocks_total\x18\x05 \x01(\r\x12\x17\n\x0fnum_blocks_free\x18\x06 \x01(\r\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x08 \x01(\r\x12\x15\n\rmax_model_len\x18\t \x01(\r\x12\x19\n\x11num_blocks_cached\x18\n \x01(\r\x12\x17\n\x0fnum_blocks_used\x18\x0b \x01(\r\x12*\n\x0b\x62lock_audit\x18\x0c \x01(\x0b\x32\x15.tandem.v1.BlockAudit\"\x11\n\x0fKVEventsRequest\"U\n\x07KVEvent\x12\x1b\n\x13stored_block_hashes\x18\x01 \x03(\x04\x12\x1c\n\x14removed_block_hashes\x18\x02 \x03(\x04\x12\x0f\n\x07\x63leared\x18\x03 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xc1\x02\n\rPrefillWorker\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12=\n\x06Health\x12\x18.tandem.v1.HealthRequest\x1a\x19.tandem.v1.HealthResponse\x12\x35\n\x04Load\x12\x16.tandem.v1.LoadRequest\x1a\x15.tandem.v1.WorkerLoad\x12<\n\x08KVEvents\x12\x1a.tandem.v1.KVEventsRequest\x1a\x12.tandem.v1.KVEvent0\x01\x32\xc5\x02\n\x0c\x44\x65\x63odeWorker\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12=\n\x06Health\x12\x18.tandem.v1.HealthRequest\x1a\x19.tandem.v1.HealthResponse\x12\x35\n\x04Load\x12\x16.tandem.v1.LoadRequest\x1a\x15.tandem.v1.WorkerLoad\x12<\n\x08KVEvents\x12\x1a.tandem.v1.KVEventsRequest\x1a\x12.tandem.v1.KVEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12proto/tandem.proto\x12\ttandem.v1\"\xca\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x02 \x01(\r\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\r\n\x05min_p\x18\x06 \x01(\x02\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x03\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\n \x01(\x02H\x04\x88\x01\x01\x12<\n\nlogit_bias\x18\x0b \x03(\x0b\x32(.tandem.v1.SamplingParams.LogitBiasEntry\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08\x12\x12\n\nignore_eos\x18\x0f \x01(\x08\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\x05\x88\x01\x01\x12\x1b\n\x13keep_special_tokens\x18\x11 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobs\"l\n\x0bPrefillPlan\x12(\n\x05local\x18\x01 \x01(\x0b\x32\x17.tandem.v1.LocalPrefillH\x00\x12*\n\x06remote\x18\x02 \x01(\x0b\x32\x18.tandem.v1.RemotePrefillH\x00\x42\x07\n\x05where\"\x0e\n\x0cLocalPrefill\"C\n\rRemotePrefill\x12\x19\n\x11prefill_worker_id\x18\x01 \x01(\t\x12\x17\n\x0fprefill_address\x18\x02 \x01(\t\"\xe8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\'\n\x07prefill\x18\x04 \x01(\x0b\x32\x16.tandem.v1.PrefillPlan\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x05 \x01(\x01\x12\x1f\n\x17resume_output_token_ids\x18\x06 \x03(\r\x12\x17\n\x0foutput_interval\x18\x07 \x01(\r\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\r\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xc2\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12.\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12\x13\n\x0bstop_string\x18\x07 \x01(\t\x12\x1a\n\rstop_token_id\x18\x08 \x01(\rH\x00\x88\x01\x01\x12\x1f\n\x05usage\x18\t \x01(\x0b\x32\x10.tandem.v1.Usage\x12\x11\n\tprefill_s\x18\n \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x0b \x01(\x01\x42\x10\n\x0e_stop_token_id\"\x85\x01\n\x08KVHandle\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nsink_agent\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\r\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x13\n\x0blayout_hash\x18\x05 \x01(\t\x12\x14\n\x0csink_address\x18\x06 \x01(\t\"\xa5\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x1f\n\x02kv\x18\x04 \x01(\x0b\x32\x13.tandem.v1.KVHandle\x12\x17\n\x0f\x64\x65\x61\x64line_unix_s\x18\x05 \x01(\x01\"\xae\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12.\n\rfirst_logprob\x18\x03 \x01(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x15\n\rcached_tokens\x18\x04 \x01(\r\x12\x11\n\tprefill_s\x18\x05 \x01(\x01\x12\x15\n\rkv_transfer_s\x18\x06 \x01(\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"h\n\x0eHealthResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x17\n\x0fmetrics_address\x18\x05 \x01(\t\"#\n\x0bLoadRequest\x12\x14\n\x0c\x61udit_blocks\x18\x01 \x01(\x08\"w\n\nBlockAudit\x12\x10\n\x08num_free\x18\x01 \x01(\r\x12\x12\n\nnum_cached\x18\x02 \x01(\r\x12\x10\n\x08num_used\x18\x03 \x01(\r\x12\x11\n\tnum_total\x18\x04 \x01(\r\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0f\n\x07holders\x18\x06 \x03(\t\"\xab\x02\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x18\n\x10num_blocks_total\x18\x05 \x01(\r\x12\x17\n\x0fnum_blocks_free\x18\x06 \x01(\r\x12\x12\n\nblock_size\x18\x07 \x01(\r\x12\x14\n\x0cmax_num_seqs\x18\x08 \x01(\r\x12\x15\n\rmax_model_len\x18\t \x01(\r\x12\x19\n\x11num_blocks_cached\x18\n \x01(\r\x12\x17\n\x0fnum_blocks_used\x18\x0b \x01(\r\x12*\n\x0b\x62lock_audit\x18\x0c \x01(\x0b\x32\x15.tandem.v1.BlockAudit\"\x11\n\x0fKVEventsRequest\"U\n\x07KVEvent\x12\x1b\n\x13stored_block_hashes\x18\x01 \x03(\x04\x12\x1c\n\x14removed_block_hashes\x18\x02 \x03(\x04\x12\x0f\n\x07\x63leared\x18\x03 \x01(\x08*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xc1\x02\n\rPrefillWorker\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponse\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12=\n\x06Health\x12\x18.tandem.v1.HealthRequest\x1a\x19.tandem.v1.HealthResponse\x12\x35\n\x04Load\x12\x16.tandem.v1.LoadRequest\x1a\x15.tandem.v1.WorkerLoad\x12<\n\x08KVEvents\x12\x1a.tandem.v1.KVEventsRequest\x1a\x12.tandem.v1.KVEvent0\x01\x32\xc5\x02\n\x0c\x44\x65\x63odeWorker\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12=\n\x06Health\x12\x18.tandem.v1.HealthRequest\x1a\x19.tandem.v1.HealthResponse\x12\x35\n\x04Load\x12\x16.tandem.v1.LoadRequest\x1a\x15.tandem.v1.WorkerLoad\x12<\n\x08KVEvents\x12\x1a.tandem.v1.KVEventsRequest\x1a\x12.tandem.v1.KVEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2768
-  _globals['_FINISHREASON']._serialized_end=2888
+  _globals['_FINISHREASON']._serialized_start=2793
+  _globals['_FINISHREASON']._serialized_end=2913
   _globals['_SAMPLINGPARAMS']._serialized_start=34
   _globals['_SAMPLINGPARAMS']._serialized_end=620
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=486
@@ -46,39 +46,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REMOTEPREFILL']._serialized_start=748
   _globals['_REMOTEPREFILL']._serialized_end=815
   _globals['_GENERATEREQUEST']._serialized_start=818
-  _globals['_GENERATEREQUEST']._serialized_end=1025
-  _globals['_TOKENLOGPROB']._serialized_start=1027
-  _globals['_TOKENLOGPROB']._serialized_end=1121
-  _globals['_USAGE']._serialized_start=1123
-  _globals['_USAGE']._serialized_end=1203
-  _globals['_GENERATERESPONSE']._serialized_start=1206
-  _globals['_GENERATERESPONSE']._serialized_end=1528
-  _globals['_KVHANDLE']._serialized_start=1531
-  _globals['_KVHANDLE']._serialized_end=1664
-  _globals['_PREFILLREQUEST']._serialized_start=1667
-  _globals['_PREFILLREQUEST']._serialized_end=1832
-  _globals['_PREFILLRESPONSE']._serialized_start=1835
-  _globals['_PREFILLRESPONSE']._serialized_end=2009
-  _globals['_ABORTREQUEST']._serialized_start=2011
-  _globals['_ABORTREQUEST']._serialized_end=2045
-  _globals['_ABORTRESPONSE']._serialized_start=2047
-  _globals['_ABORTRESPONSE']._serialized_end=2077
-  _globals['_HEALTHREQUEST']._serialized_start=2079
-  _globals['_HEALTHREQUEST']._serialized_end=2094
-  _globals['_HEALTHRESPONSE']._serialized_start=2096
-  _globals['_HEALTHRESPONSE']._serialized_end=2200
-  _globals['_LOADREQUEST']._serialized_start=2202
-  _globals['_LOADREQUEST']._serialized_end=2237
-  _globals['_BLOCKAUDIT']._serialized_start=2239
-  _globals['_BLOCKAUDIT']._serialized_end=2358
-  _globals['_WORKERLOAD']._serialized_start=2361
-  _globals['_WORKERLOAD']._serialized_end=2660
-  _globals['_KVEVENTSREQUEST']._serialized_start=2662
-  _globals['_KVEVENTSREQUEST']._serialized_end=2679
-  _globals['_KVEVENT']._serialized_start=2681
-  _globals['_KVEVENT']._serialized_end=2766
-  _globals['_PREFILLWORKER']._serialized_start=2891
-  _globals['_PREFILLWORKER']._serialized_end=3212
-  _globals['_DECODEWORKER']._serialized_start=3215
-  _globals['_DECODEWORKER']._serialized_end=3540
+  _globals['_GENERATEREQUEST']._serialized_end=1050
+  _globals['_TOKENLOGPROB']._serialized_start=1052
+  _globals['_TOKENLOGPROB']._serialized_end=1146
+  _globals['_USAGE']._serialized_start=1148
+  _globals['_USAGE']._serialized_end=1228
+  _globals['_GENERATERESPONSE']._serialized_start=1231
+  _globals['_GENERATERESPONSE']._serialized_end=1553
+  _globals['_KVHANDLE']._serialized_start=1556
+  _globals['_KVHANDLE']._serialized_end=1689
+  _globals['_PREFILLREQUEST']._serialized_start=1692
+  _globals['_PREFILLREQUEST']._serialized_end=1857
+  _globals['_PREFILLRESPONSE']._serialized_start=1860
+  _globals['_PREFILLRESPONSE']._serialized_end=2034
+  _globals['_ABORTREQUEST']._serialized_start=2036
+  _globals['_ABORTREQUEST']._serialized_end=2070
+  _globals['_ABORTRESPONSE']._serialized_start=2072
+  _globals['_ABORTRESPONSE']._serialized_end=2102
+  _globals['_HEALTHREQUEST']._serialized_start=2104
+  _globals['_HEALTHREQUEST']._serialized_end=2119
+  _globals['_HEALTHRESPONSE']._serialized_start=2121
+  _globals['_HEALTHRESPONSE']._serialized_end=2225
+  _globals['_LOADREQUEST']._serialized_start=2227
+  _globals['_LOADREQUEST']._serialized_end=2262
+  _globals['_BLOCKAUDIT']._serialized_start=2264
+  _globals['_BLOCKAUDIT']._serialized_end=2383
+  _globals['_WORKERLOAD']._serialized_start=2386
+  _globals['_WORKERLOAD']._serialized_end=2685
+  _globals['_KVEVENTSREQUEST']._serialized_start=2687
+  _globals['_KVEVENTSREQUEST']._serialized_end=2704
+  _globals['_KVEVENT']._serialized_start=2706
+  _globals['_KVEVENT']._serialized_end=2791
+  _globals['_PREFILLWORKER']._serialized_start=2916
+  _globals['_PREFILLWORKER']._serialized_end=3237
+  _globals['_DECODEWORKER']._serialized_start=3240
+  _globals['_DECODEWORKER']._serialized_end=3565
 # @@protoc_insertion_point(module_scope)

@@ -247,10 +247,19 @@ class GenerateRequest(_message.Message):
     PREFILL_FIELD_NUMBER: _builtins.int
     DEADLINE_UNIX_S_FIELD_NUMBER: _builtins.int
     RESUME_OUTPUT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    OUTPUT_INTERVAL_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """assigned by the router; unique end to end"""
     deadline_unix_s: _builtins.float
     """0: none; the worker aborts past it"""
+    output_interval: _builtins.int
+    """Tokens per GenerateResponse (vLLM's --stream-interval, per request): 0 or 1, a message per
+    engine step; k > 1, the first token's message at once (TTFT, the router's prefill
+    accounting), then one message per k tokens, the last one (finished) whenever it comes.
+    Each message wakes the router once: a non-streamed request asks for max_tokens (two
+    messages in all). Tokens held back are lost with the worker, so a migration resumes from
+    the last message received (router/migration.py).
+    """
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -274,10 +283,11 @@ class GenerateRequest(_message.Message):
         prefill: Global___PrefillPlan | None = ...,
         deadline_unix_s: _builtins.float = ...,
         resume_output_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        output_interval: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["prefill", b"prefill", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix_s", b"deadline_unix_s", "prefill", b"prefill", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "resume_output_token_ids", b"resume_output_token_ids", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix_s", b"deadline_unix_s", "output_interval", b"output_interval", "prefill", b"prefill", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "resume_output_token_ids", b"resume_output_token_ids", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

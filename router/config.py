@@ -121,6 +121,10 @@ class RouterConfig:
     # How many times one choice may move to another decode worker when its worker is lost
     # mid-stream (router/migration.py); 0: never, the client gets the error.
     migration_limit: int = 3
+    # Tokens per GenerateResponse of a streamed request (so per SSE chunk; the first token is
+    # always sent alone): each message costs the router a wakeup and a send (docs/metrics.md,
+    # router overhead). Non-streamed requests always ask for max_tokens: two messages in all.
+    stream_interval: int = 1
     load_interval_s: float = 0.2  # how often each worker's Load is polled
     health_interval_s: float = 1.0
     rpc_timeout_s: float = 2.0  # Health, Load, Abort
@@ -156,6 +160,8 @@ class RouterConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.migration_limit < 0:
             raise ValueError(f"migration_limit must be >= 0, got {self.migration_limit}")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if (self.slo_ttft_s is None) != (self.slo_itl_s is None):
             raise ValueError("give both slo_ttft_s and slo_itl_s, or neither")
         for slo in (self.slo_ttft_s, self.slo_itl_s):

@@ -282,6 +282,7 @@ def generate_request(
     prefill_worker_id: str | None,
     prefill_address: str | None,
     deadline_unix_s: float,
+    output_interval: int,
 ) -> pb.GenerateRequest:
     plan = pb.PrefillPlan()
     if prefill_worker_id is None:
@@ -295,6 +296,7 @@ def generate_request(
         sampling=sampling,
         prefill=plan,
         deadline_unix_s=deadline_unix_s,
+        output_interval=output_interval,
     )
 
 

@@ -9,7 +9,6 @@ cancels its worker streams (and sends Abort).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -41,7 +40,7 @@ from router.protocol import (
 from router.registry import WorkerRegistry
 from router.responses import ChoiceOutput, StreamFormatter, full_response
 from router.serving import Event, Frontend, Plan, Timing
-from router.sse import EventStream, aclose, relay
+from router.sse import RAW_SEND_KEY, EventStream, aclose
 from runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -167,11 +166,10 @@ async def _respond(frontend: Frontend, plan: Plan, request: Request) -> Response
         raise
     formatter = StreamFormatter(plan, frontend.token_strings)
     return EventStream(
-        relay(frontend, plan, formatter, first, events),
+        frontend, plan, formatter, first, events,
         on_close=lambda: frontend.finish_timing(plan),
-        media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache"},
-    )
+    )  # fmt: skip
 
 
 async def _collect(
@@ -186,21 +184,30 @@ async def _collect(
 
 
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`; if the client disconnects first, cancel it and raise ClientDisconnected."""
-    task: asyncio.Future[T] = asyncio.ensure_future(work)
-    watcher: asyncio.Future[None] = asyncio.ensure_future(_disconnected(request.receive))
-    pending: list[asyncio.Future[Any]] = [task, watcher]
-    try:
-        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
+    """Await `work` in this task; if the client disconnects first, cancel it and raise
+    ClientDisconnected. `work` runs inline, not as a task of its own: a task would start only
+    on the event loop's next turn, behind every other request's ready work, and the Generate
+    call it issues (the end of dispatch) with it."""
+    task = asyncio.current_task()
+    assert task is not None
+    watching = True  # cleared before returning: a late watcher callback then cancels nothing
+
+    def on_disconnect(watcher: asyncio.Future[None]) -> None:
+        if watching and not watcher.cancelled():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            watcher.cancel()
-            raise ClientDisconnected()
+
+    watcher: asyncio.Future[None] = asyncio.ensure_future(_disconnected(request.receive))
+    watcher.add_done_callback(on_disconnect)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():  # our own cancel: the client left
+            task.uncancel()
+            raise ClientDisconnected() from None
+        raise
+    finally:
+        watching = False
         watcher.cancel()
-    return task.result()
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -214,8 +221,9 @@ def _timing(request: Request) -> Timing:
 
 
 class _Stamp:
-    """Pure ASGI middleware: stamps the arrival (the request's Timing; overhead starts there)
-    and counts responses by endpoint and status."""
+    """Pure ASGI middleware: stamps the arrival (the request's Timing; overhead starts there),
+    counts responses by endpoint and status, and leaves its own `send` in the scope for
+    router/sse.py's body chunks (only `http.response.start` needs the wrappers inside)."""
 
     def __init__(self, app: ASGIApp, metrics: RouterMetrics) -> None:
         self.app = app
@@ -226,6 +234,7 @@ class _Stamp:
             await self.app(scope, receive, send)
             return
         scope[TIMING_KEY] = Timing.now()
+        scope[RAW_SEND_KEY] = send
         path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
 
         async def counted_send(message: Message) -> None:

@@ -322,13 +322,15 @@ class Frontend:
 
     # ------------------------------------------------------------ running
 
-    async def events(self, plan: Plan) -> AsyncIterator[Event]:
+    def events(self, plan: Plan) -> AsyncIterator[Event]:
         """Every choice's worker messages, interleaved as they arrive; the last one per choice
-        has a finish_reason. Closing the iterator early cancels (and aborts) what is left."""
+        has a finish_reason. Closing the iterator early cancels (and aborts) what is left.
+        One choice: its own iterator, no hop through a merging generator (hot path)."""
         if len(plan.choices) == 1:
-            async for event in self._choice_events(plan, plan.choices[0]):
-                yield event
-            return
+            return self._choice_events(plan, plan.choices[0])
+        return self._merged(plan)
+
+    async def _merged(self, plan: Plan) -> AsyncIterator[Event]:
         queue: asyncio.Queue[Event | BaseException | None] = asyncio.Queue()
 
         async def pump(choice: Choice) -> None:
@@ -442,6 +444,8 @@ class Frontend:
             decision.prefill_worker_id,
             decision.prefill_address,
             deadline_s,
+            # non-streamed: the first token (TTFT, prefill accounting) and the rest at the end
+            self.config.stream_interval if plan.stream else choice.sampling.max_tokens,
         )
         resumed = len(progress.output_token_ids)
         request.resume_output_token_ids.extend(progress.output_token_ids)

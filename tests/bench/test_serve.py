@@ -87,3 +87,19 @@ def test_cli_wiring_and_validation() -> None:
         config(concurrency=None, rate=None)
     with pytest.raises(ValueError):
         config(isl=0)
+
+
+def test_router_overhead_quantiles_from_two_scrapes() -> None:
+    """Bucket counts and _sum diffed between scrapes; percentiles interpolated in a bucket."""
+    from bench.router_metrics import _SUM, SERIES, diff_quantiles
+
+    inf = float("inf")
+    before = {name: {0.001: 1.0, 0.002: 1.0, inf: 1.0, _SUM: 0.0005} for name in SERIES}
+    # 10 new requests: 4 below 1 ms, 6 in (1, 2] ms; their sum is 14 ms
+    after = {name: {0.001: 5.0, 0.002: 11.0, inf: 11.0, _SUM: 0.0145} for name in SERIES}
+    got = diff_quantiles(before, after, (50, 90))["overhead"]
+    assert isinstance(got, dict)
+    assert got["count"] == 10
+    assert abs(got["mean"] - 0.0014) < 1e-12
+    assert abs(got["p50"] - (0.001 + 0.001 * (5 - 4) / 6)) < 1e-12
+    assert abs(got["p90"] - (0.001 + 0.001 * (9 - 4) / 6)) < 1e-12

@@ -72,6 +72,29 @@ def test_greedy_matches_offline_engine(worker: Child, tiny_chat_model_dir: Path)
     assert got == [r.outputs[0].token_ids for r in want]
 
 
+def test_output_interval_groups_tokens_into_fewer_messages(worker: Child) -> None:
+    """The first token alone, then one message per `output_interval` tokens, the finished one
+    with the rest; tokens, text and usage are the same as one message per step."""
+
+    async def messages(interval: int) -> list[pb.GenerateResponse]:
+        req = _request(f"iv{interval}", [5, 6, 7, 8], max_tokens=20, temperature=0.0,
+                       ignore_eos=True, logprobs=1)  # fmt: skip
+        req.output_interval = interval
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            return [m async for m in pb_grpc.DecodeWorkerStub(channel).Generate(req)]
+
+    step, grouped = asyncio.run(messages(0)), asyncio.run(messages(8))
+    assert [len(m.token_ids) for m in step] == [1] * 20
+    assert [len(m.token_ids) for m in grouped] == [1, 8, 8, 3]
+    assert [t for m in grouped for t in m.token_ids] == [t for m in step for t in m.token_ids]
+    assert "".join(m.text for m in grouped) == "".join(m.text for m in step)
+    assert [lp.token_id for m in grouped for lp in m.logprobs] == [
+        t for m in step for t in m.token_ids
+    ]
+    assert grouped[-1].finished and not any(m.finished for m in grouped[:-1])
+    assert grouped[-1].usage.completion_tokens == 20
+
+
 def test_cancelled_stream_frees_blocks(worker: Child) -> None:
     async def run() -> pb.WorkerLoad:
         async with grpc.aio.insecure_channel(worker.address) as channel:

@@ -140,14 +140,15 @@ def test_resolve_max_tokens_within_the_limits() -> None:
 
 def test_generate_request_carries_the_prefill_plan() -> None:
     sampling = pb.SamplingParams(max_tokens=4)
-    local = convert.generate_request("r1", [1, 2], sampling, None, None, 5.0)
+    local = convert.generate_request("r1", [1, 2], sampling, None, None, 5.0, 1)
     assert local.prefill.WhichOneof("where") == "local"
     assert local.request_id == "r1" and list(local.prompt_token_ids) == [1, 2]
     assert local.deadline_unix_s == 5.0 and local.sampling.max_tokens == 4
-    remote = convert.generate_request("r2", [1], sampling, "p0", "127.0.0.1:9", 0.0)
+    remote = convert.generate_request("r2", [1], sampling, "p0", "127.0.0.1:9", 0.0, 4)
     assert remote.prefill.WhichOneof("where") == "remote"
     assert remote.prefill.remote.prefill_worker_id == "p0"
     assert remote.prefill.remote.prefill_address == "127.0.0.1:9"
+    assert (local.output_interval, remote.output_interval) == (1, 4)
 
 
 def test_delta_from_proto() -> None:

@@ -8,6 +8,7 @@ chat template: fast, gibberish output, but greedy output must equal the offline 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import time
@@ -52,7 +53,9 @@ MODES = [
 ]
 
 
-def start_cluster(model_dir: Path, mode: str, num_prefill: int, num_decode: int) -> LocalCluster:
+def start_cluster(
+    model_dir: Path, mode: str, num_prefill: int, num_decode: int, *router_args: str
+) -> LocalCluster:
     config = ClusterConfig(
         model_dir=model_dir,
         port=0,
@@ -61,7 +64,13 @@ def start_cluster(model_dir: Path, mode: str, num_prefill: int, num_decode: int)
         mode=mode,
         worker_args=WORKER_ARGS,
         # auto: prefill remotely whenever anything is uncached, so the remote path is exercised
-        router_args=("--served-model-name", "tiny", "--local-prefill-max-tokens", "0"),
+        router_args=(
+            "--served-model-name",
+            "tiny",
+            "--local-prefill-max-tokens",
+            "0",
+            *router_args,
+        ),
         start_timeout_s=180,
     )
     return LocalCluster(config).start()
@@ -363,6 +372,30 @@ def test_bench_serve_runs_against_the_router(cluster: LocalCluster) -> None:
     assert summary["prompt_len_mismatches"] == 0 and summary["output_len_mismatches"] == 0
     assert summary["slo_attainment"] == 1.0
     assert summary["ttft_s"]["p50"] > 0 and summary["itl_s"]["p50"] > 0
+    overhead = summary["router_overhead"]  # diffed from the router's /metrics around the run
+    assert overhead["overhead"]["count"] == overhead["overhead_cpu"]["count"] == 8
+    assert 0 < overhead["overhead_cpu"]["p50"] <= overhead["overhead"]["p99"]
+    whole = asyncio.run(run(dataclasses.replace(config, stream=False)))
+    assert whole["completed"] == 8 and whole["output_len_mismatches"] == 0
+    assert whole["router_overhead"]["overhead"]["count"] == 8
+
+
+def test_stream_interval_groups_tokens_per_chunk(tiny_chat_model_dir: Path) -> None:
+    """--stream-interval 4: the first token alone, then chunks of 4 tokens, the same text as
+    the non-streamed response (whose tokens come back in two worker messages)."""
+    c = start_cluster(tiny_chat_model_dir, "collocated", 0, 1, "--stream-interval", "4")
+    try:
+        wait_healthy(c.url)
+        body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 10, "temperature": 0,
+                "ignore_eos": True, "logprobs": 0}  # fmt: skip
+        full = httpx.post(f"{c.url}/v1/completions", json=body, timeout=120).json()
+        streamed = httpx.post(f"{c.url}/v1/completions", json={**body, "stream": True}, timeout=120)
+        choices = [e["choices"][0] for e in sse_events(streamed) if e["choices"]]
+        assert [len(ch["logprobs"]["tokens"]) for ch in choices] == [1, 4, 4, 1]
+        assert "".join(ch["text"] for ch in choices) == full["choices"][0]["text"]
+        assert len(full["choices"][0]["logprobs"]["tokens"]) == 10
+    finally:
+        c.stop()
 
 
 def test_dead_decode_worker_means_503_with_retry_after(tiny_chat_model_dir: Path) -> None:
