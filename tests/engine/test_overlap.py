@@ -14,6 +14,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.plan import StepPlan
+from engine.request import FinishReason
 
 EOS = 2  # tiny models' eos_token_id
 
@@ -126,3 +127,65 @@ def test_same_outputs_as_synchronous_on_gpu(tiny_model_dirs: dict[str, Path], ea
         assert _run(model_dir, True, num_blocks=blocks, **kw) == _run(
             model_dir, False, num_blocks=blocks, **kw
         )
+
+
+def test_stop_strings_finish_the_same(tiny_chat_model_dir: Path) -> None:
+    """A stop string is found when the outputs are processed, one step late: the request's
+    row of the step in flight is dropped, and text, tokens and reason are the synchronous
+    loop's."""
+    prompts = ["Tell me a story", "List some colours", "Why is the sky"]
+    free = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    sync = LLM(str(tiny_chat_model_dir), async_scheduling=False)
+    texts = [r.outputs[0].text for r in sync.generate(prompts, free)]
+    stops = [SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=(t[8:11],))
+             for t in texts]  # fmt: skip
+    want = sync.generate(prompts, stops)
+    over = LLM(str(tiny_chat_model_dir), async_scheduling=True)
+    got = over.generate(prompts, stops)
+    key = [(o.text, tuple(o.token_ids), o.finish_reason, o.stop_reason)
+           for r in want for o in r.outputs]  # fmt: skip
+    assert [(o.text, tuple(o.token_ids), o.finish_reason, o.stop_reason)
+            for r in got for o in r.outputs] == key  # fmt: skip
+    assert all(o.finish_reason is FinishReason.STOP for r in got for o in r.outputs)
+    assert over.engine.block_manager.num_used_blocks == 0
+
+
+def test_decode_role_with_a_step_in_flight(tiny_model_dirs: dict[str, Path]) -> None:
+    """Decode role, overlapped: a request is reserved and admitted while another one's step
+    is in flight; both give the tokens of a single synchronous engine."""
+    model_dir = str(tiny_model_dirs["llama"])
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    a, b = _prompts(9, [20, 37])
+    single = LLM(model_dir, tokenizer=False, num_blocks=64)
+    want = [r.outputs[0].token_ids for r in single.generate([a, b], params)]
+
+    prefill = LLM(model_dir, tokenizer=False, num_blocks=64, async_scheduling=True)
+    first_params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    prefill.engine.add_request("b", b, first_params, hold_kv_on_finish=True)
+    outs = []
+    while prefill.engine.has_unfinished():
+        outs += prefill.engine.step()
+    (out_b,) = outs
+
+    decode = LLM(model_dir, tokenizer=False, num_blocks=64, async_scheduling=True)
+    engine = decode.engine
+    engine.add_request("a", a, params)
+    tokens: dict[str, list[int]] = {"a": [], "b": []}
+    for _ in range(3):
+        for o in engine.step():
+            tokens[o.request_id] += o.new_token_ids
+    assert engine.in_flight is not None
+    engine.reserve_kv("b", len(b))
+    engine.runner.kv_cache.write_blocks(
+        engine.scheduler.reserved["b"],
+        prefill.engine.runner.kv_cache.read_blocks(list(out_b.held_block_ids)),
+    )
+    prefill.engine.release_kv("b")
+    for o in engine.admit_prefilled("b", b, out_b.new_token_ids[0], params):
+        tokens[o.request_id] += o.new_token_ids
+    while engine.has_unfinished():
+        for o in engine.step():
+            tokens[o.request_id] += o.new_token_ids
+    assert [tokens["a"], tokens["b"]] == want
+    engine.check_integrity()
+    assert engine.block_manager.num_used_blocks == 0
