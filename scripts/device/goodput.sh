@@ -12,7 +12,8 @@
 # (scripts/device/dummy_model_dir.py). Knobs (environment):
 #   DEPLOYS     "label:mode:prefill:decode ..."   (default: collocated, disagg, auto on 2 GPUs)
 #   WORKLOADS   "3k150 8k1k multiturn" subset      (default 3k150)
-#   RATES_<wl>  comma-separated req/s per workload (RATES_3k150, RATES_8k1k, RATES_multiturn)
+#   RATES_<wl>  comma-separated req/s per workload (RATES_3k150, RATES_8k1k, RATES_multiturn);
+#               RATES_<wl>_<label> for one deployment only (e.g. RATES_3k150_2p2d)
 #   DURATION_S  arrival span per rate (12); MIN_REQUESTS (8)
 #   SERVE_ARGS  engine/launcher flags for every deployment
 #   DEADLINE_S  whole-script budget (540): a deployment that cannot finish in time is skipped
@@ -95,7 +96,8 @@ for deploy in $DEPLOYS; do
     for wl in $WORKLOADS; do
       left=$(( DEADLINE_S - $(elapsed) - 25 ))
       [ $left -lt 40 ] && { echo "[$(elapsed)s] skip $LABEL/$wl: ${left}s left" | tee -a "$R/skipped.txt"; continue; }
-      rates_var=RATES_$wl
+      rates_var=RATES_${wl}_$LABEL  # a deployment's own rates, else the workload's
+      [ -n "${!rates_var:-}" ] || rates_var=RATES_$wl
       # shellcheck disable=SC2086
       timeout -s INT $left $PY -m bench.goodput run --url "$URL" --workload "$wl" \
         --rates "${!rates_var}" --duration-s "$DURATION_S" --min-requests "$MIN_REQUESTS" \
