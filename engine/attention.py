@@ -5,8 +5,9 @@ Each layer first writes the step's new K/V into their slots, then attends:
   - each prefill chunk on its own: straight over its fresh K/V when it starts at position 0
     (no gather), else over its gathered context [0, num_computed + chunk) with a causal mask.
 Gathering copies a row's blocks into a contiguous tensor: simple and device-neutral. On CPU in
-float32 the decode rows skip the gather: engine.cpu_kernels reads the pool in place (chosen
-once by the model runner and carried in `AttentionMetadata.decode_kernel`).
+float32 both skip the gather and SDPA: engine.cpu_kernels reads the pool in place for decode rows
+and prefill chunks alike (chosen once by the model runner and carried in
+`AttentionMetadata.decode_kernel`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class AttentionMetadata:
     decode_kernel: bool
     decode_mask: torch.Tensor | None
     prefills: tuple[PrefillSpan, ...]
+    # decode_kernel only: the prefill spans for cpu_kernels.paged_prefill_attention (their
+    # PrefillSpan block_table/mask are then unused and left empty/None)
+    prefill_tables: torch.Tensor | None = None  # [S, W] long (padded): span s's block table
+    prefill_bounds: torch.Tensor | None = None  # [S, 3] long: (start, tokens, num_computed)
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -95,6 +100,12 @@ def paged_attention(
         vd = _gather(v_cache, meta.decode_block_tables)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=True)
         out[: meta.num_decodes] = od.squeeze(2)
+    if meta.prefills and meta.decode_kernel:
+        assert meta.prefill_tables is not None and meta.prefill_bounds is not None
+        cpu_kernels.paged_prefill_attention(
+            q, k_cache, v_cache, meta.prefill_tables, meta.prefill_bounds, q.shape[-1] ** -0.5, out
+        )
+        return out
     for span in meta.prefills:
         qp = q[span.start : span.end].transpose(0, 1)  # [Hq, L, D]
         if span.mask is None:

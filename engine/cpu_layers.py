@@ -31,9 +31,9 @@ class CpuRMSNorm(nn.Module):
     def add_forward(
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual): RMSNorm.add_forward's contract (llama.py)."""
-        s = x + residual
-        return self.forward(s), s
+        """(norm(x + residual), x + residual): RMSNorm.add_forward's contract (llama.py), in one
+        C pass (the torch add was a separate pass and op dispatch)."""
+        return cpu_kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class CpuRotaryEmbedding(nn.Module):

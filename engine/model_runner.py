@@ -176,6 +176,8 @@ class ModelRunner:
         prefills: list[PrefillSpan] = []
         on_device_rows: list[int] = []
         on_device_ids: list[str] = []
+        prefill_tables: list[tuple[int, ...]] = []
+        prefill_bounds: list[tuple[int, int, int]] = []
         for row in plan.rows:
             start, n = len(input_ids), row.num_new_tokens
             first = row.num_computed_tokens
@@ -196,6 +198,10 @@ class ModelRunner:
                 decode_idx.append(start)
                 decode_tables.append(table)
                 decode_lens.append(first + 1)
+            elif self.decode_kernel:  # the C kernel reads the pool: no mask, no table tensor
+                prefills.append(PrefillSpan(start, start + n, first, _NO_TABLE, None))
+                prefill_tables.append(table)
+                prefill_bounds.append((start, n, first))
             else:
                 prefills.append(self._prefill_span(start, row.num_computed_tokens, n, table))
         dev = self.device
@@ -213,6 +219,10 @@ class ModelRunner:
                 else None
             ),
             prefills=tuple(prefills),
+            prefill_tables=_pad_tables(prefill_tables, dev) if prefill_tables else None,
+            prefill_bounds=(
+                torch.tensor(prefill_bounds, dtype=torch.long).to(dev) if prefill_bounds else None
+            ),
         )
         ids_t = torch.tensor(input_ids, dtype=torch.long).to(dev)
         self._feed_on_device(ids_t, on_device_rows, on_device_ids)
@@ -235,6 +245,9 @@ class ModelRunner:
             torch.tensor(table[:num_blocks], dtype=torch.long).to(self.device),
             mask.to(self.device),
         )
+
+
+_NO_TABLE = torch.empty(0, dtype=torch.long)
 
 
 def _pad_tables(tables: list[tuple[int, ...]], device: torch.device) -> torch.Tensor:

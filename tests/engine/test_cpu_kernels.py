@@ -81,3 +81,62 @@ def test_kv_write_matches_index_put() -> None:
     ref[:, 1, 0][blocks, offsets] = k
     ref[:, 1, 1][blocks, offsets] = v
     assert torch.equal(pool, ref)
+
+
+@pytest.mark.parametrize(("hq", "hk", "d", "bs"), [(9, 3, 64, 16), (4, 4, 32, 8), (8, 2, 128, 4)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_paged_prefill_attention_matches_sdpa(
+    hq: int, hk: int, d: int, bs: int, threads: int
+) -> None:
+    """Spans that start at 0 and spans that continue a context, against causal SDPA over the
+    gathered context; the same bits whatever the thread count and the span's neighbours."""
+    g = torch.Generator().manual_seed(hq * 100 + d)
+    num_blocks = 96
+    pool = torch.randn(num_blocks, 2, 2, bs, hk, d, generator=g)
+    k_cache, v_cache = pool[:, 1, 0], pool[:, 1, 1]
+    spans = [(0, 37, 0), (37, 5, 20), (42, 1, 3), (43, 40, 2 * bs + 1)]  # (start, n, computed)
+    n_tok = sum(s[1] for s in spans)
+    width = max(-(-(n + c) // bs) for _, n, c in spans)
+    perm = torch.randperm(num_blocks, generator=g)
+    tables = torch.stack([perm[i * width : (i + 1) * width] for i in range(len(spans))])
+    qkv = torch.randn(n_tok, (hq + 2 * hk) * d, generator=g)
+    q = qkv[:, : hq * d].view(n_tok, hq, d)  # strided tokens, as the qkv split gives them
+    bounds = torch.tensor(spans, dtype=torch.long)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.full((n_tok, hq, d), float("nan"))
+        cpu_kernels.paged_prefill_attention(q, k_cache, v_cache, tables, bounds, d**-0.5, out)
+        alone = torch.full((5, hq, d), float("nan"))  # span 1 on its own, at token 0
+        cpu_kernels.paged_prefill_attention(
+            q[37:42], k_cache, v_cache, tables[1:2], torch.tensor([[0, 5, 20]]), d**-0.5, alone
+        )
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(alone, out[37:42])
+
+    for i, (start, n, computed) in enumerate(spans):
+        ctx = computed + n
+        kd = k_cache[tables[i]].flatten(0, 1)[:ctx].transpose(0, 1)  # [Hk, ctx, D]
+        vd = v_cache[tables[i]].flatten(0, 1)[:ctx].transpose(0, 1)
+        mask = torch.arange(ctx).view(1, -1) <= torch.arange(computed, ctx).view(-1, 1)
+        ref = F.scaled_dot_product_attention(
+            q[start : start + n].transpose(0, 1).unsqueeze(0),
+            kd.unsqueeze(0),
+            vd.unsqueeze(0),
+            attn_mask=mask,
+            enable_gqa=True,
+        )
+        got = out[start : start + n]
+        torch.testing.assert_close(got, ref.squeeze(0).transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_add_rms_norm_matches_add_then_norm() -> None:
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(96, generator=g)
+    for rows in (5, 1000):  # 1000 x 96 crosses the kernels' parallel threshold
+        x, residual = torch.randn(rows, 96, generator=g), torch.randn(rows, 96, generator=g)
+        out, s = cpu_kernels.add_rms_norm(x, residual, weight, 1e-5)
+        assert torch.equal(s, x + residual)
+        assert torch.equal(out, cpu_kernels.rms_norm(x + residual, weight, 1e-5))
