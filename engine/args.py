@@ -34,7 +34,7 @@ class EngineArgs:
     # docs/benchmarks.md), on CUDA 1 (the GPU does the work)
     num_threads: int | None = None
     enforce_eager: bool = False  # CUDA: run decode steps without CUDA graphs
-    tensor_parallel_size: int = 1  # CUDA: one process per rank, torch.distributed initialised
+    tensor_parallel_size: int = 1  # one process per rank, torch.distributed initialised
     # None: on CUDA (the host's work per step hides behind the GPU's), off on CPU (the host
     # is the device: nothing to overlap with)
     async_scheduling: bool | None = None
@@ -105,6 +105,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="CUDA: schedule each step only after the previous one's tokens are read",
     )
     p.add_argument("--engine-seed", type=int, default=0, help="dummy weights and unseeded sampling")
+    p.add_argument(
+        "--tensor-parallel-size", type=int, default=1,
+        help="ranks of this worker, one process each (cuda: one GPU each, cuda:0..N-1)",
+    )  # fmt: skip
 
 
 def engine_args_from(ns: argparse.Namespace, model_dir: str) -> EngineArgs:
@@ -124,4 +128,5 @@ def engine_args_from(ns: argparse.Namespace, model_dir: str) -> EngineArgs:
         num_threads=ns.num_threads,
         enforce_eager=ns.enforce_eager,
         async_scheduling=False if ns.no_async_scheduling else None,
+        tensor_parallel_size=ns.tensor_parallel_size,
     )

@@ -122,7 +122,7 @@ class EngineConfig:
     seed: int = 0  # dummy weights and unseeded sampling
     num_threads: int = 1  # torch intra-op threads for the forward pass (CPU device)
     enforce_eager: bool = False  # CUDA: no CUDA graphs for decode steps
-    tensor_parallel_size: int = 1  # CUDA: ranks of one worker (engine/parallel.py)
+    tensor_parallel_size: int = 1  # ranks of one worker, one process each (engine/parallel.py)
     # Overlapped steps: schedule and prepare step N+1 while the device runs step N, read step
     # N's tokens one step late (engine/engine.py). Token for token the same output.
     async_scheduling: bool = False

@@ -20,9 +20,7 @@ import torch.distributed as dist
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from engine.gpu_attention import PREFILL_BLOCK_M, GpuAttentionMetadata, decode_num_splits
-from engine.kv_cache import KVCache
 from engine.model_runner import LaunchedStep, ModelRunner
-from engine.parallel import TensorParallel, kv_layout_for_rank, shard_model
 from engine.plan import ScheduledRow, StepPlan
 
 
@@ -35,13 +33,6 @@ class GpuModelRunner(ModelRunner):
         super().__init__(config, num_valid_tokens)
         if self.device.type != "cuda":
             raise ValueError(f"GpuModelRunner needs a CUDA device, got {self.device}")
-        self.tp = TensorParallel.from_initialized(config.tensor_parallel_size)
-        if self.tp.world_size > 1:
-            shard_model(self.model, self.tp)
-            layout = kv_layout_for_rank(self.kv_cache.layout, self.tp)
-            del self.kv_cache  # the replicated-heads pool: free it before the shard's
-            torch.cuda.empty_cache()
-            self.kv_cache = KVCache(layout, self.device)
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.max_blocks = -(-config.max_model_len // config.block_size)
         self.graphs: DecodeGraphs | None = None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 LAYOUT_VERSION = 1
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -53,6 +53,20 @@ class KVLayout:
     @property
     def pool_bytes(self) -> int:
         return self.block_bytes * self.num_blocks
+
+    def shard(self, rank: int, world: int) -> KVLayout:
+        """The pool layout of tensor-parallel rank `rank` of `world`: kv heads
+        [rank*H/world, (rank+1)*H/world). The model identity names the shard, so a raw block
+        copy is only accepted between pools of the same head shard."""
+        if world == 1:
+            return self
+        if self.num_kv_heads % world or not 0 <= rank < world:
+            raise ValueError(f"cannot cut {self.num_kv_heads} kv heads into rank {rank} of {world}")
+        return replace(
+            self,
+            model=f"{self.model}/tp{rank}of{world}",
+            num_kv_heads=self.num_kv_heads // world,
+        )
 
     def compatibility_hash(self) -> str:
         """Hash of everything two pools must share for raw block copies to be meaningful.

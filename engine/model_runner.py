@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from engine import cpu_kernels, cpu_layers, cpu_linear
 from engine.attention import AttentionMetadata, PrefillSpan
@@ -23,6 +24,7 @@ from engine.kv_cache import TORCH_DTYPES, KVCache
 from engine.kv_layout import KVLayout
 from engine.loader import init_dummy, load_safetensors
 from engine.models.llama import CausalLM
+from engine.parallel import TensorParallel, kv_layout_for_rank, shard_model
 from engine.plan import ScheduledRow, StepPlan, StepResult
 from engine.sampler import Sampler
 
@@ -70,6 +72,13 @@ class ModelRunner:
             init_dummy(self.model, config.seed)
         else:
             load_safetensors(self.model, config.model_dir)
+        # Tensor parallelism: cut the loaded model to this rank's shard before anything copies
+        # its weights (packing); the pool holds this rank's kv heads only (engine/parallel.py).
+        self.tp = TensorParallel.from_initialized(config.tensor_parallel_size)
+        if self.tp.world_size > 1:
+            if self.device.type == "cpu" and config.async_scheduling:
+                raise ValueError("CPU tensor parallelism runs without overlapped steps")
+            shard_model(self.model, self.tp)
         if cpu_linear.supported(self.device, dtype):
             cpu_linear.pack_linears(self.model)
             if self.model.lm_head is None:  # tied: a packed copy of the embedding for logits
@@ -81,7 +90,7 @@ class ModelRunner:
         if self.decode_kernel:
             cpu_kernels.library()
             cpu_layers.use_cpu_kernels(self.model)
-        self.kv_cache = KVCache(kv_layout_for(config), self.device)
+        self.kv_cache = KVCache(kv_layout_for_rank(kv_layout_for(config), self.tp), self.device)
         self.sampler = Sampler(config.model.vocab_size, self.device, config.seed, num_valid_tokens)
         # the token ids the latest launch sampled (on the device) and each sampling request's
         # index in them: the inputs of the next plan's token_on_device rows
@@ -95,9 +104,32 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> LaunchedStep:
+        """Rank 0 (and a single rank): the whole step; with tensor parallelism (CPU, gloo) the
+        plan goes to the other ranks first, which run the same forward in serve_followers()."""
+        if self.tp.world_size > 1:
+            dist.broadcast_object_list([plan], src=0, group=self.tp.plan_group)
+        return self._launch_here(plan, sample=True)
+
+    @torch.inference_mode()
+    def serve_followers(self) -> None:
+        """Ranks > 0: run each plan rank 0 broadcasts until it sends None (stop_followers)."""
+        assert self.tp.rank > 0
+        while True:
+            box: list[StepPlan | None] = [None]
+            dist.broadcast_object_list(box, src=0, group=self.tp.plan_group)
+            if box[0] is None:
+                return
+            self._launch_here(box[0], sample=False)
+
+    def stop_followers(self) -> None:
+        """Rank 0: release the other ranks' serve_followers() loops."""
+        if self.tp.world_size > 1 and self.tp.rank == 0:
+            dist.broadcast_object_list([None], src=0, group=self.tp.plan_group)
+
+    def _launch_here(self, plan: StepPlan, sample: bool) -> LaunchedStep:
         input_ids, positions, meta, sample_idx = self._prepare(plan)
         hidden = self.model(input_ids, positions, meta, self.kv_cache)  # [N, hidden]
-        sampling_rows = tuple(r for r in plan.rows if r.sample)
+        sampling_rows = tuple(r for r in plan.rows if r.sample) if sample else ()
         if not sampling_rows:
             return self._launched(sampling_rows, None, None)
         logits = self.model.compute_logits(hidden[sample_idx])  # [R, vocab]

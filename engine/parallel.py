@@ -1,7 +1,7 @@
 """Tensor parallelism inside one worker: Megatron-style sharding of the decoder over ranks.
 
 One process per rank (torch.distributed initialised by the entry point before the engine is
-built; NCCL for tensors on GPUs, gloo on CPU). Every rank holds:
+built: engine_ranks.init_ranks; NCCL for tensors on GPUs, gloo on CPU). Every rank holds:
   - q/k/v and gate/up projections column-parallel: its own query heads, kv heads and
     intermediate columns (the fused weights are sliced part by part);
   - o_proj and down_proj row-parallel: its slice of the input features, outputs all-reduced;
@@ -20,8 +20,8 @@ Invariant: num_heads and num_kv_heads are multiples of the world size (checked a
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,8 @@ from torch import nn
 
 from engine.kv_layout import KVLayout
 from engine.models.llama import MLP, Attention, CausalLM, DecoderLayer
+
+IDLE_FOREVER = timedelta(days=365)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +54,9 @@ class TensorParallel:
                 f"tensor_parallel_size={world_size} but the process group has "
                 f"{dist.get_world_size()} ranks"
             )
-        group = dist.new_group(backend="gloo")
+        # No timeout worth the name: a follower waits in a broadcast for as long as the worker
+        # is idle. A dead rank is handled by the process tree (worker_ranks), not by this.
+        group = dist.new_group(backend="gloo", timeout=IDLE_FOREVER)
         return cls(dist.get_rank(), world_size, group)
 
 
@@ -64,15 +68,19 @@ def check_divisible(num_heads: int, num_kv_heads: int, intermediate: int, world:
         raise ValueError(f"intermediate_size={intermediate} is not divisible by {world}")
 
 
-class RowParallelLinear(nn.Linear):
-    """y = all_reduce(x_shard @ W_shard^T): the input features are split over the ranks."""
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_shard @ W_shard^T): the input features are split over the ranks.
+
+    A wrapper around a plain linear (not an nn.Linear subclass): the CPU path swaps every
+    nn.Linear for a packed one after sharding (cpu_linear.pack_linears), which replaces the
+    inner linear and keeps the all-reduce."""
 
     def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        super().__init__()
+        self.linear: nn.Module = _linear(weight, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.linear(x, self.weight)
+        y: torch.Tensor = self.linear(x)
         dist.all_reduce(y)
         return y
 
@@ -109,6 +117,7 @@ def shard_model(model: CausalLM, tp: TensorParallel) -> None:
             _rows(attn.qkv_proj.weight, sizes, tp),
             None if bias is None else _rows(bias, sizes, tp),
         )
+        assert isinstance(attn.o_proj, nn.Linear) and isinstance(mlp.down_proj, nn.Linear)
         o = attn.o_proj.weight.chunk(world, dim=1)[tp.rank].contiguous()
         attn.o_proj = RowParallelLinear(o)
         attn.num_heads //= world
@@ -122,12 +131,5 @@ def shard_model(model: CausalLM, tp: TensorParallel) -> None:
 
 
 def kv_layout_for_rank(layout: KVLayout, tp: TensorParallel) -> KVLayout:
-    """The pool layout of one rank: its own kv heads. The model identity names the rank, so a
-    raw block copy is only accepted between pools of the same head shard."""
-    if tp.world_size == 1:
-        return layout
-    return dataclasses.replace(
-        layout,
-        model=f"{layout.model}/tp{tp.rank}of{tp.world_size}",
-        num_kv_heads=layout.num_kv_heads // tp.world_size,
-    )
+    """The pool layout of one rank: its own kv heads (KVLayout.shard)."""
+    return layout.shard(tp.rank, tp.world_size)
