@@ -13,6 +13,7 @@ of SendDone or SendFailed, after which the source blocks may be freed.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,9 +60,24 @@ class TransferAborted(TransferFailed):
 
 
 @dataclass(frozen=True, slots=True)
+class KVRankLease:
+    """The lease one more rank of a tensor-parallel sink opened for the same transfer (same
+    transfer_id and block ids: one block manager, on rank 0, allocates for every rank)."""
+
+    sink_agent: str
+    generation: int
+    layout_hash: str
+    sink_address: str
+
+
+@dataclass(frozen=True, slots=True)
 class KVHandle:
     """All a source needs to write one request's KV into a sink. Field names match
-    proto/tandem.proto `KVHandle`; `to_wire`/`from_wire` give plain types (msgpack-able)."""
+    proto/tandem.proto `KVHandle`; `to_wire`/`from_wire` give plain types (msgpack-able).
+
+    A tensor-parallel sink of T ranks leases the same blocks on each rank (each holds its own
+    kv heads): the top-level fields are rank 0's lease, `more_ranks` ranks 1..T-1 in order;
+    `rank(r)` is the plain one-rank handle a rank's sink issued."""
 
     transfer_id: str  # chosen by the decode side, unique among its open transfers
     sink_agent: str  # the sink's agent name (NIXL agent / UCX worker), for logs and checks
@@ -69,8 +85,43 @@ class KVHandle:
     generation: int  # fencing token: the sink accepts a claim only for the current generation
     layout_hash: str  # KVLayout.compatibility_hash() of the sink's pool
     sink_address: str  # "host:port" of the sink's control channel
+    more_ranks: tuple[KVRankLease, ...] = ()  # a TP sink's ranks 1..T-1
 
-    def to_wire(self) -> dict[str, str | int | list[int]]:
+    @property
+    def sink_tp(self) -> int:
+        """Tensor-parallel size of the sink (1 + len(more_ranks))."""
+        return 1 + len(self.more_ranks)
+
+    def rank(self, r: int) -> KVHandle:
+        """The one-rank handle of sink rank r (r = 0: this handle without more_ranks)."""
+        if not 0 <= r < self.sink_tp:
+            raise ValueError(f"sink rank {r} of a sink with {self.sink_tp} ranks")
+        if r == 0:
+            return dataclasses.replace(self, more_ranks=())
+        lease = self.more_ranks[r - 1]
+        return KVHandle(
+            self.transfer_id,
+            lease.sink_agent,
+            self.block_ids,
+            lease.generation,
+            lease.layout_hash,
+            lease.sink_address,
+        )
+
+    @classmethod
+    def of_ranks(cls, handles: Sequence[KVHandle]) -> KVHandle:
+        """Join one-rank handles (rank order) of the same transfer into one TP handle."""
+        first = handles[0]
+        for h in handles[1:]:
+            if h.transfer_id != first.transfer_id or h.block_ids != first.block_ids:
+                raise ValueError("rank handles of different transfers or block ids")
+        more = tuple(
+            KVRankLease(h.sink_agent, h.generation, h.layout_hash, h.sink_address)
+            for h in handles[1:]
+        )
+        return dataclasses.replace(first, more_ranks=more)
+
+    def to_wire(self) -> dict[str, object]:
         return {
             "transfer_id": self.transfer_id,
             "sink_agent": self.sink_agent,
@@ -78,6 +129,9 @@ class KVHandle:
             "generation": self.generation,
             "layout_hash": self.layout_hash,
             "sink_address": self.sink_address,
+            "more_ranks": [
+                [m.sink_agent, m.generation, m.layout_hash, m.sink_address] for m in self.more_ranks
+            ],
         }
 
     @classmethod
@@ -93,6 +147,15 @@ class KVHandle:
             ]
             if not all(isinstance(t, str) for t in texts):
                 raise TypeError
+            more = fields.get("more_ranks", [])
+            if not isinstance(more, list | tuple):
+                raise TypeError
+            leases = []
+            for m in more:
+                agent, gen, layout_hash, address = m
+                if not (isinstance(gen, int) and isinstance(agent, str)):
+                    raise TypeError
+                leases.append(KVRankLease(agent, gen, str(layout_hash), str(address)))
             return cls(
                 transfer_id=str(fields["transfer_id"]),
                 sink_agent=str(fields["sink_agent"]),
@@ -100,8 +163,9 @@ class KVHandle:
                 generation=generation,
                 layout_hash=str(fields["layout_hash"]),
                 sink_address=str(fields["sink_address"]),
+                more_ranks=tuple(leases),
             )
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"not a KVHandle: {fields!r}") from e
 
 

@@ -426,6 +426,7 @@ class KVHandle(_message.Message):
     GENERATION_FIELD_NUMBER: _builtins.int
     LAYOUT_HASH_FIELD_NUMBER: _builtins.int
     SINK_ADDRESS_FIELD_NUMBER: _builtins.int
+    MORE_RANKS_FIELD_NUMBER: _builtins.int
     transfer_id: _builtins.str
     sink_agent: _builtins.str
     generation: _builtins.int
@@ -434,6 +435,10 @@ class KVHandle(_message.Message):
     """control channel of the sink (host:port)"""
     @_builtins.property
     def block_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def more_ranks(self) -> _containers.RepeatedCompositeFieldContainer[Global___KVRankLease]:
+        """a tensor-parallel sink's ranks 1..T-1, in order"""
+
     def __init__(
         self,
         *,
@@ -443,14 +448,45 @@ class KVHandle(_message.Message):
         generation: _builtins.int = ...,
         layout_hash: _builtins.str = ...,
         sink_address: _builtins.str = ...,
+        more_ranks: _abc.Iterable[Global___KVRankLease] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_ids", b"block_ids", "generation", b"generation", "layout_hash", b"layout_hash", "sink_address", b"sink_address", "sink_agent", b"sink_agent", "transfer_id", b"transfer_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_ids", b"block_ids", "generation", b"generation", "layout_hash", b"layout_hash", "more_ranks", b"more_ranks", "sink_address", b"sink_address", "sink_agent", b"sink_agent", "transfer_id", b"transfer_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KVHandle: _TypeAlias = KVHandle  # noqa: Y015
+
+@_typing.final
+class KVRankLease(_message.Message):
+    """One more rank's lease on the same transfer (same block ids; each rank holds its kv heads)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINK_AGENT_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    LAYOUT_HASH_FIELD_NUMBER: _builtins.int
+    SINK_ADDRESS_FIELD_NUMBER: _builtins.int
+    sink_agent: _builtins.str
+    generation: _builtins.int
+    layout_hash: _builtins.str
+    sink_address: _builtins.str
+    def __init__(
+        self,
+        *,
+        sink_agent: _builtins.str = ...,
+        generation: _builtins.int = ...,
+        layout_hash: _builtins.str = ...,
+        sink_address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation", "layout_hash", b"layout_hash", "sink_address", b"sink_address", "sink_agent", b"sink_agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KVRankLease: _TypeAlias = KVRankLease  # noqa: Y015
 
 @_typing.final
 class PrefillRequest(_message.Message):

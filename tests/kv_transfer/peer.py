@@ -169,6 +169,13 @@ def _make(role: str, backend: str, kv: Any, options: dict[str, Any]) -> tuple[An
 
     if role == "sink":
         return registry.make_sink(backend, kv, **options), None
+    if "head_slice" in options:  # (sink rank, sink TP, staging blocks): kv_transfer/head_slice.py
+        from kv_transfer.head_slice import HeadSliceSource
+
+        rank, world, staging = options.pop("head_slice")
+        return HeadSliceSource(
+            kv, rank, world, staging, lambda st: registry.make_source(backend, st, **options)
+        ), None
     name = "src-" + os.urandom(6).hex()  # the NIXL agent and the hello must use one name
     if backend == "nixl":
         from kv_transfer.nixl import NixlSourceTransport, NixlTuning
@@ -269,6 +276,26 @@ class Child:
         raw = self.kv.pool.view(torch.uint8).view(self.kv.layout.num_blocks, -1)
         return {
             "digests": [hashlib.blake2b(raw[b].numpy().tobytes()).hexdigest() for b in block_ids]
+        }
+
+    def op_digest_heads(self, block_ids: list[int], rank: int, world: int) -> Reply:
+        """Digests of kv heads [rank*H/world, (rank+1)*H/world) of each block, laid out as the
+        pool of that rank holds them (what a head-sliced send must land there)."""
+        import torch
+
+        per = self.kv.layout.num_kv_heads // world
+        return {
+            "digests": [
+                hashlib.blake2b(
+                    self.kv.pool[b, :, :, :, rank * per : (rank + 1) * per]
+                    .contiguous()
+                    .view(-1)
+                    .view(torch.uint8)
+                    .numpy()
+                    .tobytes()
+                ).hexdigest()
+                for b in block_ids
+            ]
         }
 
     def op_account(self) -> Reply:
