@@ -16,12 +16,13 @@ from decode_worker.servicer import DecodeServicer
 from engine.async_engine import AsyncEngine
 from kv_transfer.base import KVHandle, KVLanded, KVLost, KVReleased, KVSink
 from kv_transfer.endpoint_thread import SinkThread
+from kv_transfer.sharded import ShardedSink
 from proto import tandem_pb2 as pb
 from runtime import worker_rpc
 from runtime.tls import TlsFiles
 from runtime.worker_metrics import WorkerMetrics, outcome_of
 
-__all__ = ["MeteredDecodeServicer", "MeteredSink"]
+__all__ = ["MeteredDecodeServicer", "MeteredShardedSink", "MeteredSink"]
 
 # outcome label of a finished Generate stream, by proto FinishReason
 _FINISH_OUTCOMES = {
@@ -66,6 +67,39 @@ class MeteredSink(SinkThread):
         return await super().released(transfer_id)
 
 
+class MeteredShardedSink(ShardedSink):
+    """ShardedSink (a TP decode worker) metered as MeteredSink: one transfer of all ranks."""
+
+    def __init__(self, ranks: Sequence[SinkThread], metrics: WorkerMetrics) -> None:
+        self.metrics = metrics
+        self._opened_s: dict[str, float] = {}
+        super().__init__(ranks)
+
+    async def expect(self, transfer_id: str, block_ids: Sequence[int], lease_s: float) -> KVHandle:
+        self._opened_s[transfer_id] = time.monotonic()
+        try:
+            return await super().expect(transfer_id, block_ids, lease_s)
+        except BaseException:
+            self._opened_s.pop(transfer_id, None)
+            raise
+
+    async def outcome(self, transfer_id: str) -> KVLanded | KVLost:
+        try:
+            result = await super().outcome(transfer_id)
+        finally:
+            opened_s = self._opened_s.pop(transfer_id, None)
+        if isinstance(result, KVLanded):
+            wait_s = time.monotonic() - opened_s if opened_s is not None else 0.0
+            self.metrics.kv_landed(result.num_bytes, wait_s)
+        else:
+            self.metrics.kv_failed(result.reason.value)
+        return result
+
+    async def released(self, transfer_id: str) -> KVReleased:
+        self._opened_s.pop(transfer_id, None)
+        return await super().released(transfer_id)
+
+
 class MeteredDecodeServicer(DecodeServicer):
     """DecodeServicer that counts each Generate stream by outcome (its finish reason, counted
     before the last message leaves; cancelled; or the gRPC code it failed with) and each Abort
@@ -75,7 +109,7 @@ class MeteredDecodeServicer(DecodeServicer):
         self,
         identity: worker_rpc.WorkerIdentity,
         engine: AsyncEngine,
-        sink: SinkThread | None,
+        sink: SinkThread | ShardedSink | None,
         metrics: WorkerMetrics,
         lease_s: float = 30.0,
         tls: TlsFiles | None = None,

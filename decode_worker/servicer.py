@@ -28,6 +28,7 @@ from engine.plan import TokenLogprob
 from engine.sampling_params import SamplingParams
 from kv_transfer.base import KVHandle, KVLost
 from kv_transfer.endpoint_thread import SinkThread
+from kv_transfer.sharded import ShardedSink
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
 from runtime import worker_rpc
@@ -72,7 +73,7 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         self,
         identity: worker_rpc.WorkerIdentity,
         engine: AsyncEngine,
-        sink: SinkThread | None,
+        sink: SinkThread | ShardedSink | None,
         lease_s: float = 30.0,
         tls: TlsFiles | None = None,
     ) -> None:
@@ -274,4 +275,13 @@ def _handle_to_proto(handle: KVHandle) -> pb.KVHandle:
         generation=handle.generation,
         layout_hash=handle.layout_hash,
         sink_address=handle.sink_address,
+        more_ranks=[
+            pb.KVRankLease(
+                sink_agent=m.sink_agent,
+                generation=m.generation,
+                layout_hash=m.layout_hash,
+                sink_address=m.sink_address,
+            )
+            for m in handle.more_ranks
+        ],
     )

@@ -11,18 +11,24 @@ os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
 
 import argparse
 import asyncio
+import sys
 
 from engine.args import add_engine_args, engine_args_from
 from engine.async_engine import AsyncEngine
 from engine.engine import Engine
+from engine.kv_cache import KVCache
 from kv_transfer import registry
-from prefill_worker.metrics import MeteredPrefillServicer, MeteredSource
+from kv_transfer.base import KVSource
+from kv_transfer.endpoint_thread import SourceThread
+from kv_transfer.head_slice import HeadSliceSource
+from prefill_worker.metrics import MeteredPrefillServicer, MeteredShardedSource
 from proto import tandem_pb2_grpc as pb_grpc
 from runtime import worker_rpc
 from runtime.grpc_server import new_server, serve_until_signalled
 from runtime.tls import add_tls_args, tls_from_args
 from runtime.tokenizer import Tokenizer
 from runtime.worker_metrics import WorkerLabels, WorkerMetrics
+from worker_ranks.launch import Followers, follower_endpoints, init_rank, start_followers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,6 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--worker-id", default="prefill-0")
     p.add_argument("--kv-backend", default=registry.DEFAULT_BACKEND, choices=registry.names())
     p.add_argument(
+        "--kv-staging-tokens", type=int, default=None,
+        help="TP=1 feeding a TP>1 decode worker: tokens of staging per decode rank for the "
+        "head-sliced sends (default: 4 x max-model-len)",
+    )  # fmt: skip
+    p.add_argument(
         "--metrics-port", type=int, default=0,
         help="Prometheus /metrics on --host (0: any free port; reported by Health)",
     )  # fmt: skip
@@ -40,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def amain(ns: argparse.Namespace) -> None:
+async def amain(ns: argparse.Namespace, argv: list[str]) -> None:
     if ns.model is None:
         raise SystemExit("prefill_worker: --model is required")
     config = engine_args_from(ns, ns.model).resolve()
@@ -50,16 +61,38 @@ async def amain(ns: argparse.Namespace) -> None:
         raise SystemExit(f"{ns.worker_id}: {exc}") from exc
     tokenizer = Tokenizer.from_dir(config.model_dir)
     loop = asyncio.get_running_loop()
+    tp = config.tensor_parallel_size
+    followers: Followers | None = None
+    if tp > 1:  # ranks 1..tp-1 as child processes (worker_ranks), then rank 0 joins them
+        followers = start_followers("prefill", tp, ns.worker_id, ns.host, ns.kv_backend, argv)
+        config = init_rank(config, 0, followers.init_file)
     core = Engine(config, tokenizer)
+    remote_ranks = []
+    if followers is not None:
+        assert core.runner.tp.plan_group is not None
+        remote_ranks = follower_endpoints(core.runner.tp.plan_group)
     labels = WorkerLabels("prefill", ns.worker_id, config.model_dir.name, config.device)
     metrics = WorkerMetrics(labels, load=lambda: engine.load)  # read at scrape time
     engine = AsyncEngine(core, loop, on_step=metrics.observe_step)
     metrics_server = metrics.serve(ns.host, ns.metrics_port)
-    source = MeteredSource(
-        registry.make_source(ns.kv_backend, core.runner.kv_cache, agent_name=ns.worker_id),
-        loop,
-        metrics,
+    # One source per rank over its own pool shard; a TP=1 worker also serves TP>1 decode
+    # workers through head-sliced sources, built on first use (kv_transfer/sharded.py).
+    kv = core.runner.kv_cache
+    local = registry.make_source(
+        ns.kv_backend, kv, agent_name=ns.worker_id if tp == 1 else f"{ns.worker_id}-tp0"
     )
+    staging_tokens = ns.kv_staging_tokens or 4 * config.max_model_len
+    staging_blocks = min(-(-staging_tokens // config.block_size), config.num_blocks)
+
+    def head_slices(sink_rank: int, sink_tp: int) -> SourceThread:
+        def over(staging: KVCache) -> KVSource:
+            name = f"{ns.worker_id}-heads{sink_rank}of{sink_tp}"
+            return registry.make_source(ns.kv_backend, staging, agent_name=name)
+
+        return SourceThread(HeadSliceSource(kv, sink_rank, sink_tp, staging_blocks, over), loop)
+
+    ranks = [SourceThread(local, loop), *(SourceThread(r, loop) for r in remote_ranks)]
+    source = MeteredShardedSource(ranks, head_slices, metrics)
     identity = worker_rpc.WorkerIdentity(
         worker_id=ns.worker_id,
         role="prefill",
@@ -76,13 +109,18 @@ async def amain(ns: argparse.Namespace) -> None:
     async def stop() -> None:
         source.close()
         engine.shutdown()
+        if followers is not None:
+            followers.stopping = True
+            core.runner.stop_followers()
+            followers.stop()
         metrics_server.close()
 
     await serve_until_signalled(server, ns.host, ns.port, ns.worker_id, on_stop=stop, tls=tls)
 
 
 def main(argv: list[str] | None = None) -> None:
-    asyncio.run(amain(parse_args(argv)))
+    argv = sys.argv[1:] if argv is None else argv
+    asyncio.run(amain(parse_args(argv), argv))
 
 
 if __name__ == "__main__":

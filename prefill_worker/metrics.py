@@ -1,36 +1,40 @@
 """Every metric a prefill worker exports: the shared set of runtime/worker_metrics.py, fed from
 the engine's steps (AsyncEngine on_step), the Prefill RPC's outcome and the KV source's
-SendDone / SendFailed. The two classes below wrap the servicer and the source thread, so the
-request path itself carries no metrics code; `__main__` wires them in place of the plain ones.
+SendDone / SendFailed (one per send, every rank's part included). The two classes below wrap
+the servicer and the source, so the request path itself carries no metrics code; `__main__`
+wires them in place of the plain ones.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 
 from engine.async_engine import AsyncEngine
-from kv_transfer.base import KVHandle, KVSource, SendDone, SendFailed
+from kv_transfer.base import KVHandle, SendDone, SendFailed
 from kv_transfer.endpoint_thread import SourceThread
+from kv_transfer.sharded import ShardedSource
 from prefill_worker.servicer import PrefillServicer
 from proto import tandem_pb2 as pb
 from runtime import worker_rpc
 from runtime.worker_metrics import WorkerMetrics, outcome_of
 
-__all__ = ["MeteredPrefillServicer", "MeteredSource"]
+__all__ = ["MeteredPrefillServicer", "MeteredShardedSource"]
 
 
-class MeteredSource(SourceThread):
-    """SourceThread that counts every send's bytes, duration or failure."""
+class MeteredShardedSource(ShardedSource):
+    """ShardedSource metered as MeteredSource: one send's bytes (every part) and duration."""
 
     def __init__(
-        self, source: KVSource, loop: asyncio.AbstractEventLoop, metrics: WorkerMetrics
+        self,
+        ranks: Sequence[SourceThread],
+        head_slices: Callable[[int, int], SourceThread],
+        metrics: WorkerMetrics,
     ) -> None:
         self.metrics = metrics
-        super().__init__(source, loop)
+        super().__init__(ranks, head_slices)
 
     async def send(self, handle: KVHandle, src_block_ids: Sequence[int]) -> SendDone | SendFailed:
         try:
@@ -53,7 +57,7 @@ class MeteredPrefillServicer(PrefillServicer):
         self,
         identity: worker_rpc.WorkerIdentity,
         engine: AsyncEngine,
-        source: SourceThread,
+        source: SourceThread | ShardedSource,
         metrics: WorkerMetrics,
     ) -> None:
         super().__init__(identity, engine, source)

@@ -27,8 +27,9 @@ import grpc
 from engine.async_engine import AsyncEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from kv_transfer.base import KVHandle, SendFailed
+from kv_transfer.base import KVHandle, KVRankLease, SendFailed
 from kv_transfer.endpoint_thread import SourceThread
+from kv_transfer.sharded import ShardedSource
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
 from runtime import worker_rpc
@@ -37,7 +38,10 @@ from runtime.wire import logprob_to_proto, sampling_kwargs
 
 class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
     def __init__(
-        self, identity: worker_rpc.WorkerIdentity, engine: AsyncEngine, source: SourceThread
+        self,
+        identity: worker_rpc.WorkerIdentity,
+        engine: AsyncEngine,
+        source: SourceThread | ShardedSource,
     ) -> None:
         self.identity = identity
         self.engine = engine
@@ -148,4 +152,8 @@ def _handle_from_proto(msg: pb.KVHandle) -> KVHandle:
         generation=msg.generation,
         layout_hash=msg.layout_hash,
         sink_address=msg.sink_address,
+        more_ranks=tuple(
+            KVRankLease(m.sink_agent, m.generation, m.layout_hash, m.sink_address)
+            for m in msg.more_ranks
+        ),
     )
