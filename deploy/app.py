@@ -39,6 +39,9 @@ class ServeConfig:
     port: int = 8000  # the router's port; 0: any free one
     worker_host: str | None = None  # None: the node's address (loopback on a local cluster)
     worker_args: tuple[str, ...] = ()  # engine flags for every worker
+    # ranks (processes; GPUs on a GPU cluster) of each prefill / decode worker
+    prefill_tp: int = 1
+    decode_tp: int = 1
     router_args: tuple[str, ...] = ()
     admin_key: str | None = field(default=None, repr=False)
     api_key: str | None = field(default=None, repr=False)  # of the router's /v1/*
@@ -54,6 +57,17 @@ class ServeConfig:
             raise ValueError(f"num_prefill must be >= 0, got {self.num_prefill}")
         if self.mode == "disagg" and self.num_prefill < 1:
             raise ValueError("disagg mode needs at least one prefill worker")
+        if self.prefill_tp < 1 or self.decode_tp < 1:
+            raise ValueError("tensor-parallel sizes must be >= 1")
+        if self.prefill_tp > 1 and self.prefill_tp != self.decode_tp:
+            # kv_transfer/sharded.py: a prefill worker's TP is 1 or the decode workers'
+            raise ValueError(
+                f"prefill TP {self.prefill_tp} cannot feed decode TP {self.decode_tp}: "
+                "use prefill TP 1 or equal sizes"
+            )
+
+    def tensor_parallel(self, role: Role) -> int:
+        return self.prefill_tp if role is Role.PREFILL else self.decode_tp
 
 
 def router_spec(config: ServeConfig) -> ProcessSpec:
@@ -74,10 +88,11 @@ def router_spec(config: ServeConfig) -> ProcessSpec:
 
 
 def worker_spec(config: ServeConfig, worker_id: str, role: Role) -> ProcessSpec:
+    tp = ("--tensor-parallel-size", str(config.tensor_parallel(role)))
     return ProcessSpec(
         name=worker_id,
         module=WORKER_MODULES[role],
-        args=("--model", str(config.model_dir), "--worker-id", worker_id, *config.worker_args),
+        args=("--model", str(config.model_dir), "--worker-id", worker_id, *config.worker_args, *tp),
         host=config.worker_host,
         env=config.env,
         ready_timeout_s=config.start_timeout_s,

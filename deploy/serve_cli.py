@@ -34,6 +34,12 @@ def add_parsers(sub: Any, model_dir: Any) -> None:
     serve.add_argument("--prefill", type=int, default=1, help="prefill workers at start")
     serve.add_argument("--decode", type=int, default=1, help="decode workers at start")
     serve.add_argument("--mode", default="disagg", choices=["disagg", "collocated", "auto"])
+    for pool in ("prefill", "decode"):
+        serve.add_argument(
+            f"--{pool}-tensor-parallel-size", type=int, default=None,
+            help=f"ranks of each {pool} worker (default: --tensor-parallel-size); on GPUs one "
+            "GPU per rank, one Ray bundle per worker",
+        )  # fmt: skip
     serve.add_argument(
         "--launcher", default="ray", choices=["ray", "local"],
         help="ray: workers are Ray actors placed on GPUs (restarted on a crash); "
@@ -152,6 +158,11 @@ def _worker_args(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(out) + _tls_args(args)
 
 
+def _tp(args: argparse.Namespace, pool: str) -> int:
+    size: int | None = getattr(args, f"{pool}_tensor_parallel_size")
+    return args.tensor_parallel_size if size is None else size
+
+
 def _tls_args(args: argparse.Namespace) -> tuple[str, ...]:
     """--grpc-tls-* as absolute paths (every process gets the same files)."""
     out: list[str] = []
@@ -194,6 +205,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         worker_host=args.worker_host,
         worker_args=_worker_args(args),
+        prefill_tp=_tp(args, "prefill"),
+        decode_tp=_tp(args, "decode"),
         router_args=_router_args(args),
         admin_key=args.admin_key or None,
         api_key=args.api_key or None,
@@ -258,14 +271,21 @@ def _launcher(args: argparse.Namespace, config: ServeConfig) -> tuple[Launcher, 
 
     connect(RayClusterConfig(args.address, args.ray_num_cpus, args.ray_num_gpus))
     gpus = args.num_gpus_per_worker
-    if gpus is None:  # nothing assumes CPU: a worker per GPU wherever there are GPUs
+    if gpus is None:  # nothing assumes CPU: a GPU per rank wherever there are GPUs
         gpus = 1 if cluster_gpus() > 0 else 0
-    placement = {
-        role: PoolPlacement(
-            gpus, args.cpus_per_worker, Strategy(getattr(args, f"{role.value}_placement"))
+    placement = {}
+    for role in Role:
+        tp = config.tensor_parallel(role)
+        if gpus and args.num_gpus_per_worker is not None and tp > 1 and gpus != tp:
+            raise SystemExit(
+                f"tandem: --num-gpus-per-worker {gpus} but {role.value} workers have "
+                f"tensor-parallel size {tp} (one GPU per rank)"
+            )
+        placement[role] = PoolPlacement(
+            gpus * tp if args.num_gpus_per_worker is None else gpus,
+            args.cpus_per_worker,
+            Strategy(getattr(args, f"{role.value}_placement")),
         )
-        for role in Role
-    }
     launcher = RayLauncher(
         router_spec(config),
         partial(worker_spec, config),
@@ -275,7 +295,8 @@ def _launcher(args: argparse.Namespace, config: ServeConfig) -> tuple[Launcher, 
     where = (
         "an embedded Ray cluster" if args.address is None else f"the Ray cluster at {args.address}"
     )
-    return launcher, f"{where}, {gpus} GPU(s) per worker"
+    per = ", ".join(f"{role.value} {placement[role].num_gpus}" for role in Role)
+    return launcher, f"{where}, GPUs per worker: {per}"
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
