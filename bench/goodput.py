@@ -64,9 +64,16 @@ class Workload:
     user_tokens: int = 128  # multiturn: new user tokens per later turn
 
     def prompts(self, conversation: int, seed: int) -> list[list[int]]:
-        """The prompts of one conversation's turns, reproducible from (seed, conversation)."""
-        rng = random.Random(seed * 1_000_003 + conversation)
-        shared = random.Random(seed).choices(range(1000, 10000), k=self.shared_prefix)
+        """The prompts of one conversation's turns, reproducible from (seed, conversation).
+
+        Each stream is seeded by a string naming the workload and its role: integer seeds
+        collided (one workload's conversation 1 drew the same tokens as another's shared
+        prefix of seed 1), so a server swept with two workloads back to back served prefix
+        hits across them."""
+        rng = random.Random(f"{self.name}/conversation/{seed}/{conversation}")
+        shared = random.Random(f"{self.name}/shared/{seed}").choices(
+            range(1000, 10000), k=self.shared_prefix
+        )
         first = shared + rng.choices(range(1000, 10000), k=self.isl - self.shared_prefix)
         turns = [first]
         for _ in range(self.turns - 1):

@@ -32,7 +32,7 @@ DEADLINE_S=${DEADLINE_S:-540}; MODE_MIN_S=${MODE_MIN_S:-150}
 MODEL_CONFIG=${MODEL_CONFIG:-engine/model_configs/llama-3.1-8b}
 SERVE_ARGS=${SERVE_ARGS:-"--launcher ray --load-format dummy --dtype bfloat16 --kv-cache-gib 60 --max-model-len 10240"}
 BENCH_ARGS=${BENCH_ARGS:-"--slo-ttft 1 --slo-itl 0.020 --slo-ttft-loose 2 --slo-itl-loose 0.050"}
-: "${RATES_3k150:=1,3,5,7,9,11}" "${RATES_8k1k:=0.5,1,1.5,2}" "${RATES_multiturn:=2,4,8,12}"
+: "${RATES_3k150:=1,4,6,8,10,12}" "${RATES_8k1k:=0.5,1,2,3,4,5}" "${RATES_multiturn:=2,4,8,12,16}"
 PROBE_N=${PROBE_N:-24}; PROBE_ISL=${PROBE_ISL:-3000}; PROBE_OSL=${PROBE_OSL:-16}
 PY=${PY:-python3}
 

@@ -55,6 +55,22 @@ def test_multiturn_turns_extend_the_previous_prompt_over_a_shared_system_prompt(
         assert len(nxt) == len(prev) + w.osl + w.user_tokens
 
 
+def test_no_prompt_of_one_workload_starts_like_another_workloads() -> None:
+    """Sweeps of several workloads run back to back on one server: a shared first block
+    would be a prefix-cache hit that the workload does not have."""
+    starts = {
+        (name, seed, c): tuple(w.prompts(c, seed)[0][:16])
+        for name, w in WORKLOADS.items()
+        for seed in (0, 1)
+        for c in range(3)
+    }
+    by_start: dict[tuple[int, ...], set[tuple[str, int]]] = {}
+    for (name, seed, _), start in starts.items():
+        by_start.setdefault(start, set()).add((name, seed))
+    # only multiturn's conversations of one seed share a start (their system prompt)
+    assert all(len(owners) == 1 for owners in by_start.values())
+
+
 def test_arrivals_and_request_counts_follow_the_rate() -> None:
     offsets = conversation_offsets_s(4000, rate=8.0, turns=4, seed=0)
     assert offsets == sorted(offsets) and offsets[0] == 0.0
