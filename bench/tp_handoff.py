@@ -233,6 +233,7 @@ def main() -> None:
     p.add_argument("--kv-cache-gib", type=float, default=8.0)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=32, help="also bounds CUDA graph buckets")
     p.add_argument("--num-threads", type=int, default=None, help="CPU rehearsal: torch threads")
     p.add_argument("--prompt-lens", default="3000,1500,700,300,100,40,17,5")
     p.add_argument("--max-tokens", type=int, default=32)
@@ -251,6 +252,7 @@ def main() -> None:
         "--model", ns.model, "--device", ns.device, "--dtype", ns.dtype,
         "--load-format", ns.load_format, "--kv-cache-gib", str(ns.kv_cache_gib),
         "--block-size", str(ns.block_size), "--max-model-len", str(ns.max_model_len),
+        "--max-num-seqs", str(ns.max_num_seqs),
     ]  # fmt: skip
     if ns.num_threads is not None:
         common += ["--num-threads", str(ns.num_threads)]
