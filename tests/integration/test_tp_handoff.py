@@ -6,14 +6,18 @@ loopback), a tiny random Llama (2 kv heads: one per rank at TP=2):
   (c) a TP=2 prefill worker refused by a TP=1 decode worker (it prefills locally, counted),
 
 all with the greedy tokens of a TP=1 1P1D run; then streams cancelled at random points leave no
-used block on any worker and no open lease on any rank (later hand-offs reuse every block).
+used block on any worker and no open lease on any rank (later hand-offs reuse every block); and a
+TP worker lives and dies as one unit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
+import signal
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -177,3 +181,40 @@ def test_cancelled_hand_offs_leave_no_block_on_any_rank(workers: dict[str, Child
 
         asyncio.run(run())
     assert _metric(d2, "decode", FALLBACKS) == fallbacks
+
+
+@pytest.mark.slow  # two TP workers started and killed: ~30 s on 2 cores
+def test_a_tp_worker_is_one_failure_unit(tiny_chat_model_dir: Path) -> None:
+    """A rank killed takes its worker down (rank 0 exits: its collectives could not go on, and
+    Ray or the controller restarts it whole); rank 0 killed takes its ranks down."""
+    args = ["--model", str(tiny_chat_model_dir), "--port", "0", "--num-blocks", "32",
+            "--max-model-len", "128", "--num-threads", "1",
+            "--tensor-parallel-size", "2"]  # fmt: skip
+    for victim in ("rank1", "rank0"):
+        worker = spawn(f"tp-{victim}", "decode_worker", [*args, "--worker-id", f"tp-{victim}"])
+        try:
+            wait_ready(worker, 120)
+            children = subprocess.run(
+                ["pgrep", "-P", str(worker.proc.pid)], capture_output=True, text=True
+            ).stdout.split()
+            [rank1] = [int(pid) for pid in children]
+            if victim == "rank1":
+                os.kill(rank1, signal.SIGKILL)
+                assert worker.proc.wait(30) == 70
+            else:
+                os.kill(worker.proc.pid, signal.SIGKILL)
+                worker.proc.wait(10)
+                deadline = time.monotonic() + 10
+                while _alive(rank1) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert not _alive(rank1)
+        finally:
+            stop_children([worker])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
