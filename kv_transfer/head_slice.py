@@ -18,11 +18,13 @@ Cost: one extra pass over the slice in device memory (block_bytes/T per block; ~
 bytes moved on the source GPU, microseconds per MiB at HBM speed) and the staging memory,
 `staging_blocks` x block_bytes/T per sink rank. Ownership: a send takes its staging blocks in
 send() (or waits, queued, until enough are free) and gives them back on its SendDone /
-SendFailed, the only free path; the staging region is registered once, with the agent.
+SendFailed, the only free path; the staging region is registered once, with the agent. A
+SendDone's elapsed_s counts from send(): the staging wait and the gather are in it.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -31,7 +33,14 @@ import numpy as np
 import torch
 
 from engine.kv_cache import KVCache
-from kv_transfer.base import KVHandle, KVSource, SendFailed, SourceEvent, TransferFailed
+from kv_transfer.base import (
+    KVHandle,
+    KVSource,
+    SendDone,
+    SendFailed,
+    SourceEvent,
+    TransferFailed,
+)
 from kv_transfer.transport import paired_runs
 
 
@@ -39,6 +48,7 @@ from kv_transfer.transport import paired_runs
 class _Queued:
     handle: KVHandle
     src: np.ndarray
+    since: float  # send() time: a SendDone's elapsed_s counts the wait and the gather too
 
 
 class HeadSliceSource:
@@ -60,7 +70,9 @@ class HeadSliceSource:
         self._staging = KVCache(replace(layout, num_blocks=staging_blocks), kv.pool.device)
         self._inner = make_source(self._staging)
         self._free = list(range(staging_blocks))  # ascending; a send takes the lowest ids
-        self._taken: dict[tuple[str, int], list[int]] = {}  # (transfer id, gen) -> staging ids
+        # (transfer id, gen) -> its staging ids, and the seconds between its send() and the
+        # inner send() (staging wait + gather), added to the inner SendDone's elapsed_s
+        self._taken: dict[tuple[str, int], tuple[list[int], float]] = {}
         self._queue: deque[_Queued] = deque()  # sends waiting for staging blocks
         self._events: list[SourceEvent] = []
         self._stream = torch.cuda.Stream(kv.pool.device) if kv.pool.is_cuda else None
@@ -89,17 +101,21 @@ class HeadSliceSource:
             )
             self._events.append(SendFailed(handle.transfer_id, handle.generation, error))
             return
-        self._queue.append(_Queued(handle, src))
+        self._queue.append(_Queued(handle, src, time.monotonic()))
         self._start_queued()
 
     def poll(self, timeout_s: float = 0.0, wakeup_fd: int | None = None) -> list[SourceEvent]:
         if self._events:
             timeout_s = 0.0
         events = self._inner.poll(timeout_s, wakeup_fd)
-        for e in events:
-            ids = self._taken.pop((e.transfer_id, e.generation), None)
-            if ids is not None:
-                self._free = sorted(self._free + ids)
+        for i, e in enumerate(events):
+            taken = self._taken.pop((e.transfer_id, e.generation), None)
+            if taken is None:
+                continue
+            ids, before = taken
+            self._free = sorted(self._free + ids)
+            if isinstance(e, SendDone):
+                events[i] = replace(e, elapsed_s=e.elapsed_s + before)
         if events:
             self._start_queued()
         out, self._events = [*self._events, *events], []
@@ -121,7 +137,8 @@ class HeadSliceSource:
                 error = TransferFailed(f"gathering heads {self._heads} failed: {e}")
                 self._events.append(SendFailed(q.handle.transfer_id, q.handle.generation, error))
                 continue
-            self._taken[(q.handle.transfer_id, q.handle.generation)] = ids
+            before = time.monotonic() - q.since
+            self._taken[(q.handle.transfer_id, q.handle.generation)] = (ids, before)
             self._inner.send(q.handle, ids)  # its SendDone/SendFailed gives the ids back
 
     def _gather(self, src: np.ndarray, staging_ids: list[int]) -> None:
