@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from engine import cpu_kernels, cpu_layers, cpu_linear
+from engine import cpu_kernels, cpu_layers, cpu_linear, cpu_memory
 from engine.attention import AttentionMetadata, PrefillSpan
 from engine.config import EngineConfig
 from engine.kv_cache import TORCH_DTYPES, KVCache
@@ -59,6 +59,7 @@ class ModelRunner:
         self.device = torch.device(config.device)
         if self.device.type == "cpu":
             torch.set_num_threads(config.num_threads)  # process-wide: one engine per process
+            cpu_memory.keep_freed_memory()  # process-wide too: no page faults per step
         dtype = TORCH_DTYPES[config.dtype]
         with torch.device(self.device):
             previous = torch.get_default_dtype()

@@ -140,3 +140,11 @@ def test_add_rms_norm_matches_add_then_norm() -> None:
         out, s = cpu_kernels.add_rms_norm(x, residual, weight, 1e-5)
         assert torch.equal(s, x + residual)
         assert torch.equal(out, cpu_kernels.rms_norm(x + residual, weight, 1e-5))
+
+
+def test_keep_freed_memory_on_glibc() -> None:
+    import platform
+
+    from engine import cpu_memory
+
+    assert cpu_memory.keep_freed_memory() is (platform.libc_ver()[0] == "glibc")
