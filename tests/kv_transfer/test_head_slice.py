@@ -70,16 +70,16 @@ def test_each_sink_rank_gets_its_heads_byte_for_byte(peers: dict[str, list[Peer]
             peer.call("finish", tid=tid)
 
 
-def test_a_head_slice_source_refuses_a_full_head_sink() -> None:
+def test_a_head_slice_source_refuses_a_full_head_sink(peers: dict[str, list[Peer]]) -> None:
     """The handshake compares the slice's layout with the sink's: a TP=1 sink is refused."""
     sink = Peer("sink", "nixl", LAYOUT).ready()
-    source = Peer("source", "nixl", LAYOUT, head_slice=[0, WORLD, 8]).ready()
+    source = peers["sources"][0]  # sends heads 0..H/2 only
     try:
         handle = sink.call("expect", tid="x", block_ids=[1, 2], lease_s=30)["handle"]
         source.call("send", sends=[{"handle": handle, "src": [3, 4]}])
         [failed] = source.wait_events(lambda ev: len(ev) == 1)
         assert failed["kind"] == "SendFailed" and failed["error"] == "KVLayoutMismatch"
         assert "num_kv_heads: 2 != 1" in failed["message"], failed
+        assert source.call("account")["errors"] == []
     finally:
         sink.stop()
-        source.stop()
