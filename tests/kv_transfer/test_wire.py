@@ -30,7 +30,22 @@ def test_handle_round_trips_through_plain_msgpack() -> None:
     assert KVHandle.from_wire(msgpack.unpackb(wire, raw=False)) == HANDLE
 
 
-@pytest.mark.parametrize("broken", [{}, {**HANDLE.to_wire(), "generation": "42"}])
+def test_a_tp_handle_joins_one_lease_per_sink_rank() -> None:
+    rank1 = KVHandle("req-1", "kv-sink-1-tp1", (5, 6, 9), 7, "ef01", "127.0.0.1:5556")
+    joined = KVHandle.of_ranks([HANDLE, rank1])
+    assert joined.sink_tp == 2 and joined.rank(0) == HANDLE and joined.rank(1) == rank1
+    wire = msgpack.packb(joined.to_wire(), use_bin_type=True)
+    assert KVHandle.from_wire(msgpack.unpackb(wire, raw=False)) == joined
+    with pytest.raises(ValueError, match="different transfers"):
+        KVHandle.of_ranks([HANDLE, KVHandle("req-2", "s", (5, 6, 9), 1, "x", "a:1")])
+    with pytest.raises(ValueError, match="sink rank 2"):
+        joined.rank(2)
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [{}, {**HANDLE.to_wire(), "generation": "42"}, {**HANDLE.to_wire(), "more_ranks": [[1]]}],
+)
 def test_malformed_handle_is_a_value_error(broken: dict[str, object]) -> None:
     with pytest.raises(ValueError, match="not a KVHandle"):
         KVHandle.from_wire(broken)
