@@ -9,8 +9,8 @@ The request path, in order (all on the event loop thread):
 Router overhead (tandem_router_overhead_seconds, docs/metrics.md) is the wall time the router
 works on a request outside awaiting its workers, as a sum of segments that contain no await:
     dispatch   arrival (the ASGI app gets the parsed request) -> its first Generate call issued
-               (wall: including the one hop through the event loop between planning and the call;
-               CPU: planning, then the call's task from its start)
+               (the request's own task all the way, no hop through the event loop; CPU:
+               planning, then _attempt from its start up to the call)
     relay      each worker message, from the moment its read returns to the router -> its SSE
                bytes handed to the client's socket (router/sse.py; non-streamed: accumulated,
                plus building the final body)
