@@ -22,6 +22,13 @@ def test_paged_decode_attention_matches_sdpa(hq: int, hk: int, d: int, bs: int) 
 
     out = torch.full_like(q, float("nan"))
     cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, d**-0.5, out=out)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # rows split over 2 OpenMP threads: the same bits
+    try:
+        out2 = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, d**-0.5)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out, out2)
 
     kd = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [B, Hk, T, D]
     vd = v_cache[tables].flatten(1, 2).transpose(1, 2)
@@ -135,11 +142,16 @@ def test_paged_prefill_attention_matches_sdpa(
 def test_add_rms_norm_matches_add_then_norm() -> None:
     g = torch.Generator().manual_seed(7)
     weight = torch.randn(96, generator=g)
-    for rows in (5, 1000):  # 1000 x 96 crosses the kernels' parallel threshold
-        x, residual = torch.randn(rows, 96, generator=g), torch.randn(rows, 96, generator=g)
-        out, s = cpu_kernels.add_rms_norm(x, residual, weight, 1e-5)
-        assert torch.equal(s, x + residual)
-        assert torch.equal(out, cpu_kernels.rms_norm(x + residual, weight, 1e-5))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for rows in (5, 1000):  # 1000 x 96 crosses the kernels' parallel threshold
+            x, residual = torch.randn(rows, 96, generator=g), torch.randn(rows, 96, generator=g)
+            out, s = cpu_kernels.add_rms_norm(x, residual, weight, 1e-5)
+            assert torch.equal(s, x + residual)
+            assert torch.equal(out, cpu_kernels.rms_norm(x + residual, weight, 1e-5))
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_keep_freed_memory_on_glibc() -> None:
