@@ -57,7 +57,7 @@ class MeteredPrefillServicer(PrefillServicer):
         self,
         identity: worker_rpc.WorkerIdentity,
         engine: AsyncEngine,
-        source: SourceThread | ShardedSource,
+        source: ShardedSource,
         metrics: WorkerMetrics,
     ) -> None:
         super().__init__(identity, engine, source)

@@ -1,10 +1,10 @@
 """PrefillWorker gRPC service: compute a prompt's KV, sample its first token, WRITE the KV
 into the decode worker's reserved blocks, then free our copy.
 
-The lease is claimed when the request arrives (SourceThread.prepare), concurrently with the
+The lease is claimed when the request arrives (ShardedSource.prepare), concurrently with the
 compute, so the write after prefill posts with no round trip; fencing is unchanged (a lease
 lost meanwhile fails the send). A request that ends without a send (bad input, engine error,
-caller gone) withdraws its claim (SourceThread.cancel), so the decode side frees its blocks.
+caller gone) withdraws its claim (ShardedSource.cancel), so the decode side frees its blocks.
 
 Block ownership: the request's blocks stay pinned in our engine after it finishes
 (hold_kv_on_finish) until the send has ended one way or the other; `release_kv` once the send
@@ -28,7 +28,6 @@ from engine.async_engine import AsyncEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from kv_transfer.base import KVHandle, KVRankLease, SendFailed
-from kv_transfer.endpoint_thread import SourceThread
 from kv_transfer.sharded import ShardedSource
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
@@ -41,7 +40,7 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
         self,
         identity: worker_rpc.WorkerIdentity,
         engine: AsyncEngine,
-        source: SourceThread | ShardedSource,
+        source: ShardedSource,
     ) -> None:
         self.identity = identity
         self.engine = engine
@@ -56,6 +55,7 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
         try:
             params = SamplingParams(**sampling_kwargs(request.sampling))
             handle = _handle_from_proto(request.kv)
+            self.source.route(handle)  # a decode worker of a TP we cannot feed: refused now
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         # The first token only: stop strings and later limits are the decode worker's business.
