@@ -48,6 +48,9 @@ class KVCacheEvent:
     removed: tuple[int, ...]
 
 
+_NO_KV_EVENT = KVCacheEvent((), ())
+
+
 class AsyncEngine:
     def __init__(
         self,
@@ -177,14 +180,19 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = self._streams[request_id] = asyncio.Queue()
 
-        def admit(engine: Engine) -> list[RequestOutput]:
-            return engine.admit_prefilled(
+        def admit(engine: Engine) -> None:
+            outputs = engine.admit_prefilled(
                 request_id, prompt_token_ids, first_token_id, params, first_logprob
             )
+            # Hazard: handed to the loop here, on the engine thread, through the same FIFO
+            # (call_soon_threadsafe) as every later step's outputs. Putting them in the stream
+            # when `call` returns instead let the next steps' outputs overtake the first token
+            # whenever the loop woke late (tokens swapped, or the first one dropped behind a
+            # finished output).
+            self.loop.call_soon_threadsafe(self._dispatch, outputs, _NO_KV_EVENT)
 
         try:
-            for out in await self.call(admit):
-                stream.put_nowait(out)
+            await self.call(admit)
         except BaseException as e:
             self._streams.pop(request_id, None)
             if not isinstance(e, Exception) and self.error is None:
