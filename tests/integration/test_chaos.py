@@ -190,11 +190,15 @@ async def fault_track(cluster: LocalCluster, chaos: Chaos, kind: str, first_afte
         await asyncio.sleep(0.05)
     spare: str | None = None
     for _ in range(FAULTS_PER_POOL):
+        counted: dict[str, float] = {}
+        if kind == "decode":  # its counters die with it: read them before the pick, so the kill
+            # follows the pick at once (a scrape in between let the victim's streams finish)
+            for child in cluster.children:
+                if child.name.startswith("decode") and child.name != spare:
+                    counted[child.name] = await asyncio.to_thread(prefill_fallbacks, child.address)
         victim = await pick_victim(cluster.url, kind, spare)
-        if kind == "decode":  # its counters die with it
-            address = cluster.child(victim).address
-            chaos.fallbacks += await asyncio.to_thread(prefill_fallbacks, address)
         await asyncio.to_thread(cluster.kill, victim)
+        chaos.fallbacks += counted.get(victim, 0.0)
         chaos.note(f"killed {victim}")
         chaos.kills += 1
         if chaos.kills == 2 * FAULTS_PER_POOL:
