@@ -410,9 +410,11 @@ int paged_prefill_attention_f32(const float *q, int64_t q_stride, const float *k
 }
 
 /* Parallelise an elementwise kernel only above this many floats of output: below it the
- * parallel region's fork/join costs more than the work (a decode step's 64 x 576 RMSNorm is ~5 us
- * on one thread). */
-#define PAR_MIN_FLOATS (1 << 16)
+ * parallel region's fork/join costs about what the work does (a decode step's 64 x 576 RMSNorm is
+ * ~5 us on one thread, its 64 x 1536 SiLU ~20 us), and on a shared core every region is a
+ * barrier that waits for a descheduled thread. 256 Ki: decode-sized calls (64 rows x 1536 =
+ * 96 Ki) stay on the calling thread, prefill-sized ones (2,048 x 576 = 1.1 Mi) split. */
+#define PAR_MIN_FLOATS (1 << 18)
 
 static inline void rms_norm_row(const float *restrict xn, const float *restrict weight,
                                 float *restrict on, int64_t H, float eps) {
