@@ -142,6 +142,9 @@ class MeteredDecodeServicer(DecodeServicer):
     def on_prefill_fallback(self, reason: str) -> None:
         self.metrics.prefill_fallback(reason)
 
+    def on_remote_step(self, step: str, duration_s: float) -> None:
+        self.metrics.remote_prefill_step(step, duration_s)
+
     async def Abort(
         self, request: pb.AbortRequest, context: grpc.aio.ServicerContext
     ) -> pb.AbortResponse:

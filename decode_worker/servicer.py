@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -151,6 +151,10 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
     def on_prefill_fallback(self, reason: str) -> None:
         """Hook: a remote prefill failed and the prompt is computed here (metrics wrap it)."""
 
+    def on_remote_step(self, step: str, duration_s: float) -> None:
+        """Hook: one serial step of a remote prefill took duration_s seconds (metrics wrap
+        it): reserve, lease, prefill_rpc, outcome, admit."""
+
     async def _remote_prefill(
         self, request: pb.GenerateRequest, prompt: list[int], params: SamplingParams
     ) -> tuple[AsyncIterator[RequestOutput], float, int]:
@@ -164,19 +168,22 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
                 "this decode worker has no KV sink (started without one)", "no_sink"
             )
         rid = request.request_id
-        # validate before reserving: the engine would refuse the same things at admission
-        await self.engine.call(lambda e: e.check_request(prompt, params))
+        clock = _StepClock(self.on_remote_step)
         # Engine and sink commands run on their own threads even if this coroutine is
         # cancelled (the client went away) while it waits for them: the reservation and the
         # lease are tracked as futures and shielded, so the release below sees whatever
         # actually happened, never less.
+        # One engine command validates, builds the request and reserves its blocks (each
+        # command waits for the engine's step boundary: under load, a decode step per command).
         reservation = asyncio.ensure_future(
-            self.engine.call(lambda e: e.reserve_kv(rid, len(prompt)))
+            self.engine.call(lambda e: e.reserve_kv(rid, prompt, params))
         )
         admitted = False
         try:
             blocks = await asyncio.shield(reservation)
+            clock.lap("reserve")
             handle = await asyncio.shield(self.sink.expect(rid, blocks, self.lease_s))
+            clock.lap("lease")
             remote = request.prefill.remote
             prefill_req = pb.PrefillRequest(
                 request_id=rid,
@@ -195,7 +202,9 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
                     f"{e.code().name}: {e.details()}",
                     e.code().name.lower(),
                 ) from e
+            clock.lap("prefill_rpc")
             outcome = await self.sink.outcome(rid)
+            clock.lap("outcome")
             if isinstance(outcome, KVLost):
                 raise RemotePrefillFailed(
                     f"KV did not land: {outcome.reason.value}: {outcome.detail}",
@@ -206,10 +215,9 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
                 lp = reply.first_logprob
                 top = tuple(zip(lp.top_token_ids, lp.top_logprobs, strict=True))
                 first_logprob = TokenLogprob(lp.token_id, lp.logprob, top)
-            outputs = await self.engine.admit_prefilled(
-                rid, prompt, reply.first_token_id, params, first_logprob
-            )
+            outputs = await self.engine.admit_prefilled(rid, reply.first_token_id, first_logprob)
             admitted = True
+            clock.lap("admit")
             return outputs, reply.kv_transfer_s, reply.cached_tokens
         finally:
             if not admitted:
@@ -236,6 +244,19 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
             await self.sink.abort(rid)
             await self.sink.settled(rid)
         await self.engine.call(lambda e: e.cancel_kv_reservation(rid))
+
+
+class _StepClock:
+    """Times consecutive steps of one request (monotonic seconds) and reports each."""
+
+    def __init__(self, report: Callable[[str, float], None]) -> None:
+        self._report = report
+        self._last = time.monotonic()
+
+    def lap(self, step: str) -> None:
+        now = time.monotonic()
+        self._report(step, now - self._last)
+        self._last = now
 
 
 def _to_proto(outs: list[RequestOutput]) -> pb.GenerateResponse:

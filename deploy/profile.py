@@ -175,8 +175,8 @@ def _median_step_s(
     rids = [f"decode-{batch}-{context}-{i}" for i in range(batch)]
     for rid in rids:
         prompt = _ids(rng, vocab, context)
-        engine.reserve_kv(rid, context)  # the KV "arrives" as it is: decode cost is the same
-        engine.admit_prefilled(rid, prompt, rng.randrange(3, vocab), params)
+        engine.reserve_kv(rid, prompt, params)  # the KV "arrives" as it is: decode cost is the same
+        engine.admit_prefilled(rid, rng.randrange(3, vocab))
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()

@@ -169,21 +169,18 @@ class AsyncEngine:
     async def admit_prefilled(
         self,
         request_id: str,
-        prompt_token_ids: Sequence[int],
         first_token_id: int,
-        params: SamplingParams,
         first_logprob: TokenLogprob | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Decode role: admit a request whose prompt KV is in its reserved blocks (eagerly:
-        when this returns the request owns the blocks) and return its output stream."""
+        """Decode role: admit a request whose prompt KV is in the blocks Engine.reserve_kv
+        gave (eagerly: when this returns the request owns the blocks) and return its output
+        stream."""
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = self._streams[request_id] = asyncio.Queue()
 
         def admit(engine: Engine) -> None:
-            outputs = engine.admit_prefilled(
-                request_id, prompt_token_ids, first_token_id, params, first_logprob
-            )
+            outputs = engine.admit_prefilled(request_id, first_token_id, first_logprob)
             # Hazard: handed to the loop here, on the engine thread, through the same FIFO
             # (call_soon_threadsafe) as every later step's outputs. Putting them in the stream
             # when `call` returns instead let the next steps' outputs overtake the first token

@@ -28,7 +28,7 @@ from engine.gpu_runner import GpuModelRunner
 from engine.model_runner import LaunchedStep, ModelRunner
 from engine.outputs import RequestOutput
 from engine.plan import StepPlan, StepResult, TokenLogprob
-from engine.request import FinishReason, Request
+from engine.request import FinishReason, Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.stats import StepStats, step_stats
@@ -55,6 +55,10 @@ class Engine:
         )
         self.scheduler = Scheduler(config, self.block_manager)
         self.streams: dict[str, TextStream] = {}
+        # decode role: requests whose blocks are reserved and whose KV is being written from
+        # elsewhere, validated and built (prompt block hashes included) by reserve_kv so that
+        # admit_prefilled, on the critical path once the KV landed, only flips them to running
+        self.awaiting_kv: dict[str, Request] = {}
         self.last_step_stats: StepStats | None = None  # of the latest step() call
         self.in_flight: InFlight | None = None  # overlapped steps: launched, not collected
         self.eos_token_ids = frozenset(config.model.eos_token_ids) | (
@@ -107,38 +111,50 @@ class Engine:
             self.scheduler.release_held(request_id)
 
     # ---- role hooks -------------------------------------------------------------------------
-    def reserve_kv(self, request_id: str, num_tokens: int) -> list[int]:
-        """Decode role: blocks for `num_tokens` of KV written by someone else (OutOfBlocks).
+    def reserve_kv(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> list[int]:
+        """Decode role: blocks for a prompt whose KV someone else writes (ValueError for a
+        request this engine would refuse, OutOfBlocks). The request is built now (validation,
+        prompt block hashes), while its KV is still being computed elsewhere; admit_prefilled
+        only appends the first token and runs it.
 
         Waits for a step in flight first: it may still write a block freed meanwhile (see the
         module doc), and the remote write must land after it."""
+        req = self._new_request(request_id, prompt_token_ids, params, False)
+        if self.config.enable_prefix_caching:
+            req.update_block_hashes(self.config.block_size)  # the prompt's full blocks
         if self.in_flight is not None:
             done = self.in_flight.launched.done
             if done is not None:
                 done.synchronize()
-        return self.scheduler.reserve(request_id, num_tokens)
+        blocks = self.scheduler.reserve(request_id, req.num_prompt_tokens)
+        req.status = RequestStatus.WAITING_FOR_KV
+        self.awaiting_kv[request_id] = req
+        return blocks
 
     def cancel_kv_reservation(self, request_id: str) -> bool:
         """Decode role: give reserved blocks back; False when there are none (the request was
         admitted meanwhile, or the reservation never made)."""
+        self.awaiting_kv.pop(request_id, None)
         return self.scheduler.cancel_reservation(request_id)
 
     def admit_prefilled(
         self,
         request_id: str,
-        prompt_token_ids: Sequence[int],
         first_token_id: int,
-        params: SamplingParams,
         first_logprob: TokenLogprob | None = None,
     ) -> list[RequestOutput]:
-        """Decode role: the prompt's KV has landed in the reserved blocks; `first_token_id`
-        (and its logprob, when asked for) was sampled by the prefill side. Returns the output
-        for that first token (which may already finish the request)."""
-        req = self._new_request(request_id, prompt_token_ids, params, False)
+        """Decode role: the prompt's KV has landed in the blocks reserve_kv gave;
+        `first_token_id` (and its logprob, when asked for) was sampled by the prefill side.
+        Returns the output for that first token (which may already finish the request).
+        KeyError when nothing is reserved under `request_id`."""
+        req = self.awaiting_kv[request_id]
+        self.scheduler.admit_prefilled(req)  # before any change to req: it may refuse
+        del self.awaiting_kv[request_id]
         req.token_ids.append(first_token_id)
-        req.scheduled_s = req.arrival_s  # it never queues here: its prompt was computed elsewhere
+        req.arrival_s = req.scheduled_s = time.monotonic()  # it never queues here
         self._open_stream(req)
-        self.scheduler.admit_prefilled(req)
         if first_token_id in req.stop_token_ids:
             self.scheduler.finish(req, FinishReason.STOP, stop_reason=first_token_id)
         elif req.num_output_tokens >= req.max_tokens:

@@ -8,9 +8,9 @@ caller gone) withdraws its claim (ShardedSource.cancel), so the decode side free
 
 Block ownership: the request's blocks stay pinned in our engine after it finishes
 (hold_kv_on_finish) until the send has ended one way or the other; `release_kv` once the send
-is over (at once, or from `_release_after_send` when the caller went away first) is their one
-free path. If the caller goes away before the finish was seen, the engine stream's abort frees
-them (Engine.abort also frees a finished request's held blocks).
+is over (`_release_after_send`, a task: the reply does not wait for the engine's next step
+boundary) is their one free path. If the caller goes away before the finish was seen, the
+engine stream's abort frees them (Engine.abort also frees a finished request's held blocks).
 """
 
 from __future__ import annotations
@@ -103,12 +103,12 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
         try:
             result = await asyncio.shield(send)
         finally:
-            # the held blocks are freed once the send has ended (SendDone / SendFailed: the
-            # source reads them no more), also when the caller went away meanwhile
-            if send.done():
-                await self.engine.call(lambda engine: engine.release_kv(rid))
-            else:
-                self._background(self._release_after_send(rid, send))
+            # The held blocks are freed once the send has ended (SendDone / SendFailed: the
+            # source reads them no more), also when the caller went away meanwhile. Never
+            # awaited here: the release is an engine command, which runs only at the engine's
+            # next step boundary (under load, up to a whole prefill chunk later), and the reply
+            # (the decode worker's first token) must not wait for it.
+            self._background(self._release_after_send(rid, send))
         if isinstance(result, SendFailed):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {result.error}")
         response = pb.PrefillResponse(

@@ -194,6 +194,14 @@ class WorkerMetrics:
             "computed on this decode worker instead, by reason",
             [*base, "reason"], registry=r,
         )  # fmt: skip
+        self._remote_steps = Histogram(
+            "tandem_worker_remote_prefill_step_seconds",
+            "Decode: the serial steps of a remote prefill on this worker, by step: reserve "
+            "(validate, build the request, reserve blocks: one engine command), lease (the "
+            "sink's), prefill_rpc (Prefill RPC sent -> reply), outcome (the sink's verdict "
+            "after the reply), admit (one engine command; its first output is ready)",
+            [*base, "step"], buckets=_TRANSFER_BUCKETS_S, registry=r,
+        )  # fmt: skip
         r.register(_LoadCollector(labels, load))
 
     # ---- engine thread ----------------------------------------------------------------------
@@ -225,6 +233,9 @@ class WorkerMetrics:
     def kv_landed(self, num_bytes: int, wait_s: float) -> None:
         self.kv_bytes.inc(num_bytes)
         self.kv_wait_s.observe(wait_s)
+
+    def remote_prefill_step(self, step: str, duration_s: float) -> None:
+        self._remote_steps.labels(*self.labels.values(), step).observe(duration_s)
 
     def prefill_fallback(self, reason: str) -> None:
         self._prefill_fallbacks.labels(*self.labels.values(), reason).inc()

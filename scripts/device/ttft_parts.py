@@ -21,6 +21,12 @@ PARTS = (  # (metric, role or "" for the router, label)
     ("tandem_router_time_to_first_token_seconds", "", "router TTFT"),
     ("tandem_router_dispatch_seconds", "", "router dispatch"),
     ("tandem_worker_kv_wait_seconds", "decode", "decode: remote prefill wait (RPC -> KV landed)"),
+    # the decode worker's serial steps of a remote prefill (a `step` label: metric[step])
+    ("tandem_worker_remote_prefill_step_seconds[reserve]", "decode", "decode: reserve (1 command)"),
+    ("tandem_worker_remote_prefill_step_seconds[lease]", "decode", "decode: sink lease"),
+    ("tandem_worker_remote_prefill_step_seconds[prefill_rpc]", "decode", "decode: Prefill RPC"),
+    ("tandem_worker_remote_prefill_step_seconds[outcome]", "decode", "decode: sink outcome"),
+    ("tandem_worker_remote_prefill_step_seconds[admit]", "decode", "decode: admit (1 command)"),
     ("tandem_worker_request_duration_seconds", "prefill", "prefill: request in its engine"),
     ("tandem_worker_request_queue_time_seconds", "prefill", "prefill: queued in its engine"),
     ("tandem_worker_kv_transfer_seconds", "prefill", "prefill: KV transfer"),
@@ -52,6 +58,8 @@ def read(path: str) -> dict[tuple[str, str, str], float]:
             role = ""
             if labels and (r := re.search(r'role="(\w+)"', labels)):
                 role = r.group(1)
+            if labels and (st := re.search(r'step="(\w+)"', labels)):
+                name = f"{name}[{st.group(1)}]"
             if section == "router" and name.startswith("tandem_router_"):
                 out[(name, "", kind)] += float(value)
             elif section == "worker" and name.startswith("tandem_worker_"):

@@ -35,7 +35,7 @@ def test_first_token_is_not_overtaken_when_the_loop_wakes_late(
     held = list(out.held_block_ids)
 
     decode = LLM(str(model_dir), tokenizer=False, num_blocks=64).engine
-    decode.reserve_kv("r", len(prompt))
+    decode.reserve_kv("r", prompt, params)
     decode.runner.kv_cache.write_blocks(
         decode.scheduler.reserved["r"], prefill.runner.kv_cache.read_blocks(held)
     )
@@ -43,9 +43,7 @@ def test_first_token_is_not_overtaken_when_the_loop_wakes_late(
     async def run() -> list[int]:
         engine = AsyncEngine(decode, asyncio.get_running_loop())
         try:
-            admitting = asyncio.ensure_future(
-                engine.admit_prefilled("r", prompt, out.new_token_ids[0], params)
-            )
+            admitting = asyncio.ensure_future(engine.admit_prefilled("r", out.new_token_ids[0]))
             await asyncio.sleep(0)  # the admission command is queued to the engine thread
             # Hold the loop while the engine thread admits and runs every decode step: all
             # their outputs are handed over before the loop sees the admission's result.

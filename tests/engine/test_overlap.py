@@ -175,13 +175,13 @@ def test_decode_role_with_a_step_in_flight(tiny_model_dirs: dict[str, Path]) -> 
         for o in engine.step():
             tokens[o.request_id] += o.new_token_ids
     assert engine.in_flight is not None
-    engine.reserve_kv("b", len(b))
+    engine.reserve_kv("b", b, params)
     engine.runner.kv_cache.write_blocks(
         engine.scheduler.reserved["b"],
         prefill.engine.runner.kv_cache.read_blocks(list(out_b.held_block_ids)),
     )
     prefill.engine.release_kv("b")
-    for o in engine.admit_prefilled("b", b, out_b.new_token_ids[0], params):
+    for o in engine.admit_prefilled("b", out_b.new_token_ids[0]):
         tokens[o.request_id] += o.new_token_ids
     while engine.has_unfinished():
         for o in engine.step():

@@ -43,7 +43,7 @@ def test_prefill_then_decode_equals_single_engine(model_dir: Path, prompt_len: i
     prefill.engine.check_integrity()
 
     # decode side: reserve, receive the bytes (here: a plain copy), admit
-    decode.engine.reserve_kv("r", prompt_len)
+    decode.engine.reserve_kv("r", prompt, params)
     decode.engine.check_integrity()
     dst = decode.engine.scheduler.reserved["r"]
     decode.engine.runner.kv_cache.write_blocks(
@@ -53,7 +53,7 @@ def test_prefill_then_decode_equals_single_engine(model_dir: Path, prompt_len: i
     assert prefill.engine.block_manager.num_used_blocks == 0
     prefill.engine.check_integrity()
 
-    first = decode.engine.admit_prefilled("r", prompt, out.new_token_ids[0], params)
+    first = decode.engine.admit_prefilled("r", out.new_token_ids[0])
     tokens = [t for o in first + _drain(decode) for t in o.new_token_ids]
     assert tokens == single.outputs[0].token_ids
     decode.engine.check_integrity()
@@ -61,13 +61,17 @@ def test_prefill_then_decode_equals_single_engine(model_dir: Path, prompt_len: i
 
 
 def test_reservation_cancel_and_exhaustion(model_dir: Path) -> None:
-    llm = LLM(str(model_dir), tokenizer=False, num_blocks=8, max_model_len=64)
-    blocks = llm.engine.reserve_kv("a", 100)  # 7 blocks of 16
+    llm = LLM(str(model_dir), tokenizer=False, num_blocks=8, max_model_len=128)
+    params = SamplingParams(max_tokens=4)
+    blocks = llm.engine.reserve_kv("a", list(range(3, 103)), params)  # 7 blocks of 16
     assert len(blocks) == 7
     with pytest.raises(OutOfBlocks):
-        llm.engine.reserve_kv("b", 40)
+        llm.engine.reserve_kv("b", list(range(3, 43)), params)
+    with pytest.raises(ValueError, match="must be in"):  # refused before any block is taken
+        llm.engine.reserve_kv("c", [10**9], params)
     llm.engine.check_integrity()
     llm.engine.cancel_kv_reservation("a")
+    assert not llm.engine.awaiting_kv
     assert llm.engine.block_manager.num_free_blocks == 8
     llm.engine.check_integrity()
 

@@ -88,8 +88,8 @@ def test_remote_prefilled_request_only_decodes(model_dir: Path) -> None:
     llm = LLM(str(model_dir), tokenizer=False, num_blocks=64)
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     prompt = _prompt(4, 33)
-    llm.engine.reserve_kv("r", len(prompt))
-    llm.engine.admit_prefilled("r", prompt, 7, params)
+    llm.engine.reserve_kv("r", prompt, params)
+    llm.engine.admit_prefilled("r", 7)
     stats = _run(llm)
     assert _sum(stats, "num_prefill_tokens") == 0
     assert _sum(stats, "num_decode_tokens") == 6 - 1
