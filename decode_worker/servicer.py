@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import grpc
 
@@ -82,7 +83,8 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         self.sink = sink
         self.lease_s = lease_s  # how long reserved blocks wait for the prefill worker's KV
         self.prefill_clients = PrefillClients(tls)
-        self._releases: set[asyncio.Task[None]] = set()  # _release_after_fence in progress
+        # _release_after_fence / hash_awaiting_prompt in progress
+        self._releases: set[asyncio.Task[None]] = set()
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -182,6 +184,9 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         try:
             blocks = await asyncio.shield(reservation)
             clock.lap("reserve")
+            # queued behind the reservation, run by the engine thread while the lease and the
+            # Prefill RPC go on: the prompt's block hashes, so that admission need not
+            self._background(self.engine.call(lambda e: e.hash_awaiting_prompt(rid)))
             handle = await asyncio.shield(self.sink.expect(rid, blocks, self.lease_s))
             clock.lap("lease")
             remote = request.prefill.remote
@@ -221,11 +226,12 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
             return outputs, reply.kv_transfer_s, reply.cached_tokens
         finally:
             if not admitted:
-                task = asyncio.get_running_loop().create_task(
-                    self._release_after_fence(rid, reservation)
-                )
-                self._releases.add(task)  # a task nobody references may be collected
-                task.add_done_callback(self._releases.discard)
+                self._background(self._release_after_fence(rid, reservation))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._releases.add(task)  # a task nobody references may be collected
+        task.add_done_callback(self._releases.discard)
 
     async def _release_after_fence(self, rid: str, reservation: asyncio.Future[list[int]]) -> None:
         """Give a reservation back once no write of its transfer can land any more.

@@ -115,15 +115,14 @@ class Engine:
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> list[int]:
         """Decode role: blocks for a prompt whose KV someone else writes (ValueError for a
-        request this engine would refuse, OutOfBlocks). The request is built now (validation,
-        prompt block hashes), while its KV is still being computed elsewhere; admit_prefilled
-        only appends the first token and runs it.
+        request this engine would refuse, OutOfBlocks). The request is built now, while its
+        KV is still being computed elsewhere (hash_awaiting_prompt hashes its blocks, a
+        separate command off the critical path); admit_prefilled only appends the first token
+        and runs it.
 
         Waits for a step in flight first: it may still write a block freed meanwhile (see the
         module doc), and the remote write must land after it."""
         req = self._new_request(request_id, prompt_token_ids, params, False)
-        if self.config.enable_prefix_caching:
-            req.update_block_hashes(self.config.block_size)  # the prompt's full blocks
         if self.in_flight is not None:
             done = self.in_flight.launched.done
             if done is not None:
@@ -132,6 +131,14 @@ class Engine:
         req.status = RequestStatus.WAITING_FOR_KV
         self.awaiting_kv[request_id] = req
         return blocks
+
+    def hash_awaiting_prompt(self, request_id: str) -> None:
+        """Decode role: hash the full prompt blocks of a request reserve_kv built, so that
+        admission need not (~0.3-0.8 ms for 3,000 tokens). A no-op when the reservation is
+        gone (cancelled or admitted meanwhile: admission hashes what is missing itself)."""
+        req = self.awaiting_kv.get(request_id)
+        if req is not None and self.config.enable_prefix_caching:
+            req.update_block_hashes(self.config.block_size)
 
     def cancel_kv_reservation(self, request_id: str) -> bool:
         """Decode role: give reserved blocks back; False when there are none (the request was
@@ -255,11 +262,11 @@ class Engine:
         """
         if params.n != 1:
             raise ValueError("the engine takes n == 1; expand n > 1 into separate requests")
-        prompt = tuple(int(t) for t in prompt_token_ids)
+        prompt = tuple(map(int, prompt_token_ids))  # C loops: ~10x the generator's speed
         vocab = self.config.model.vocab_size
         if not prompt:
             raise ValueError("the prompt is empty")
-        if any(not 0 <= t < vocab for t in prompt):
+        if min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in (*params.logit_bias, *params.stop_token_ids)):
             raise ValueError(f"logit_bias and stop_token_ids must name ids in [0, {vocab})")
