@@ -76,6 +76,25 @@ def test_reservation_cancel_and_exhaustion(model_dir: Path) -> None:
     llm.engine.check_integrity()
 
 
+def test_prompt_hashed_ahead_of_admission(model_dir: Path) -> None:
+    """The decode worker hashes a reserved prompt while its KV is in flight; admission then
+    commits the same hashes a local prefill would (a later identical prompt hits them)."""
+    llm = LLM(str(model_dir), tokenizer=False, num_blocks=64)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    prompt = list(range(9, 49))  # 2 full blocks of 16 + 8 tokens
+    llm.engine.reserve_kv("r", prompt, params)
+    assert llm.engine.awaiting_kv["r"].block_hashes == []
+    llm.engine.hash_awaiting_prompt("r")
+    assert len(llm.engine.awaiting_kv["r"].block_hashes) == 2
+    llm.engine.hash_awaiting_prompt("gone")  # cancelled or admitted meanwhile: nothing to do
+    llm.engine.admit_prefilled("r", 7)
+    assert not llm.engine.awaiting_kv
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    llm.engine.check_integrity()
+    assert llm.engine.block_manager.num_cached_blocks == 2
+
+
 def test_abort_frees_blocks_mid_generation(model_dir: Path) -> None:
     llm = LLM(str(model_dir), tokenizer=False, num_blocks=64)
     params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
