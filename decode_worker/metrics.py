@@ -32,27 +32,24 @@ _FINISH_OUTCOMES = {
 }
 
 
-class MeteredSink(SinkThread):
-    """SinkThread that times each lease until its KV lands, and counts bytes and losses."""
+class _LeaseMeter:
+    """Mixin for a sink (SinkThread, ShardedSink): times each lease from expect() until its KV
+    lands, and counts bytes and losses; the sink's own methods do the work (super())."""
 
-    def __init__(
-        self, sink: KVSink, loop: asyncio.AbstractEventLoop, metrics: WorkerMetrics
-    ) -> None:
-        self.metrics = metrics
-        self._opened_s: dict[str, float] = {}  # transfer_id -> expect() time; loop only
-        super().__init__(sink, loop)
+    metrics: WorkerMetrics
+    _opened_s: dict[str, float]  # transfer_id -> expect() time; loop only
 
     async def expect(self, transfer_id: str, block_ids: Sequence[int], lease_s: float) -> KVHandle:
         self._opened_s[transfer_id] = time.monotonic()
         try:
-            return await super().expect(transfer_id, block_ids, lease_s)
+            return await super().expect(transfer_id, block_ids, lease_s)  # type: ignore[misc,no-any-return]
         except BaseException:
             self._opened_s.pop(transfer_id, None)
             raise
 
     async def outcome(self, transfer_id: str) -> KVLanded | KVLost:
         try:
-            result = await super().outcome(transfer_id)
+            result: KVLanded | KVLost = await super().outcome(transfer_id)  # type: ignore[misc]
         finally:
             opened_s = self._opened_s.pop(transfer_id, None)
         if isinstance(result, KVLanded):
@@ -64,40 +61,27 @@ class MeteredSink(SinkThread):
 
     async def released(self, transfer_id: str) -> KVReleased:
         self._opened_s.pop(transfer_id, None)  # given up before its outcome was read
-        return await super().released(transfer_id)
+        return await super().released(transfer_id)  # type: ignore[misc,no-any-return]
 
 
-class MeteredShardedSink(ShardedSink):
+class MeteredSink(_LeaseMeter, SinkThread):
+    """SinkThread metered by _LeaseMeter."""
+
+    def __init__(
+        self, sink: KVSink, loop: asyncio.AbstractEventLoop, metrics: WorkerMetrics
+    ) -> None:
+        self.metrics = metrics
+        self._opened_s = {}
+        super().__init__(sink, loop)
+
+
+class MeteredShardedSink(_LeaseMeter, ShardedSink):
     """ShardedSink (a TP decode worker) metered as MeteredSink: one transfer of all ranks."""
 
     def __init__(self, ranks: Sequence[SinkThread], metrics: WorkerMetrics) -> None:
         self.metrics = metrics
-        self._opened_s: dict[str, float] = {}
+        self._opened_s = {}
         super().__init__(ranks)
-
-    async def expect(self, transfer_id: str, block_ids: Sequence[int], lease_s: float) -> KVHandle:
-        self._opened_s[transfer_id] = time.monotonic()
-        try:
-            return await super().expect(transfer_id, block_ids, lease_s)
-        except BaseException:
-            self._opened_s.pop(transfer_id, None)
-            raise
-
-    async def outcome(self, transfer_id: str) -> KVLanded | KVLost:
-        try:
-            result = await super().outcome(transfer_id)
-        finally:
-            opened_s = self._opened_s.pop(transfer_id, None)
-        if isinstance(result, KVLanded):
-            wait_s = time.monotonic() - opened_s if opened_s is not None else 0.0
-            self.metrics.kv_landed(result.num_bytes, wait_s)
-        else:
-            self.metrics.kv_failed(result.reason.value)
-        return result
-
-    async def released(self, transfer_id: str) -> KVReleased:
-        self._opened_s.pop(transfer_id, None)
-        return await super().released(transfer_id)
 
 
 class MeteredDecodeServicer(DecodeServicer):

@@ -49,22 +49,9 @@ class GpuModelRunner(ModelRunner):
             dist.broadcast_object_list([plan], src=0, group=self.tp.plan_group)
         return self._launch(plan, leader=True)
 
-    @torch.inference_mode()
-    def serve_followers(self) -> None:
-        """Ranks > 0: run each plan rank 0 broadcasts until it sends None (stop_followers).
-        Never syncs with its GPU: it runs as far ahead as rank 0's plans let it."""
-        assert self.tp.rank > 0
-        while True:
-            box: list[StepPlan | None] = [None]
-            dist.broadcast_object_list(box, src=0, group=self.tp.plan_group)
-            if box[0] is None:
-                return
-            self._launch(box[0], leader=False)
-
-    def stop_followers(self) -> None:
-        """Rank 0: release the other ranks' serve_followers() loops."""
-        if self.tp.world_size > 1 and self.tp.rank == 0:
-            dist.broadcast_object_list([None], src=0, group=self.tp.plan_group)
+    def _follow(self, plan: StepPlan) -> None:
+        """Never syncs with its GPU: a follower runs as far ahead as rank 0's plans let it."""
+        self._launch(plan, leader=False)
 
     def _launch(self, plan: StepPlan, leader: bool) -> LaunchedStep:
         rows = plan.rows

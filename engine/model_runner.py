@@ -120,7 +120,11 @@ class ModelRunner:
             dist.broadcast_object_list(box, src=0, group=self.tp.plan_group)
             if box[0] is None:
                 return
-            self._launch_here(box[0], sample=False)
+            self._follow(box[0])
+
+    def _follow(self, plan: StepPlan) -> None:
+        """A follower rank's share of one step (no sampling: rank 0 samples)."""
+        self._launch_here(plan, sample=False)
 
     def stop_followers(self) -> None:
         """Rank 0: release the other ranks' serve_followers() loops."""
