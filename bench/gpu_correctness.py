@@ -185,22 +185,28 @@ def _chat_prompts(model_dir: Path) -> list[list[int]]:
 
 
 @torch.inference_mode()
+def _hf_greedy(hf: Any, prompt: list[int], num_tokens: int) -> list[int]:
+    """transformers' greedy continuation of one unpadded prompt: num_tokens ids, EOS ignored."""
+    ids = torch.tensor([prompt], device="cuda")
+    out = hf.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=num_tokens,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    return list(out[0, len(prompt) :].tolist())
+
+
+@torch.inference_mode()
 def own_continuations(model_dir: Path) -> list[tuple[list[int], list[int]]]:
     """(prompt, transformers fp32 greedy continuation of CONTINUATION tokens) per chat prompt:
     a text set neutral to both bf16 implementations (neither produced it)."""
     hf = _hf(model_dir, torch.float32)
     out = []
     for p in _chat_prompts(model_dir):
-        ids = torch.tensor([p], device="cuda")
-        gen = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=CONTINUATION,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        out.append((p, gen[0, len(p) :].tolist()))
+        out.append((p, _hf_greedy(hf, p, CONTINUATION)))
     del hf
     torch.cuda.empty_cache()
     return out
@@ -259,18 +265,7 @@ def run(
     prompts = _chat_prompts(model_dir)
     params = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True)
     mine = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
-    theirs = []
-    for p in prompts:
-        ids = torch.tensor([p], device="cuda")
-        out = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=GREEDY_TOKENS,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-        theirs.append(out[0, len(p) :].tolist())
+    theirs = [_hf_greedy(hf, p, GREEDY_TOKENS) for p in prompts]
     same = [a == b for a, b in zip(mine, theirs, strict=True)]
     first_diff = [
         next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
