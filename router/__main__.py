@@ -54,8 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto mode: prefill on the decode worker up to this many uncached tokens",
     )  # fmt: skip
     p.add_argument(
-        "--prefill-saturated-tokens", type=int, default=16384,
-        help="auto mode: a prefill worker with this many queued prompt tokens is saturated",
+        "--prefill-budget-s", type=float, default=0.5,
+        help="auto mode: a long prompt goes to a prefill worker while its estimated prefill "
+        "time there (queue + prompt at the measured rate) is at most this; past it, to the "
+        "decode worker when that would be sooner",
     )  # fmt: skip
     p.add_argument(
         "--prefill-weight", type=float, default=1.0,
@@ -127,7 +129,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         policy=PolicyConfig(
             prefill_weight=args.prefill_weight,
             local_prefill_max_tokens=args.local_prefill_max_tokens,
-            prefill_saturated_tokens=args.prefill_saturated_tokens,
+            prefill_budget_s=args.prefill_budget_s,
         ),
         max_model_len=args.max_model_len,
         request_timeout_s=args.request_timeout_s,

@@ -15,7 +15,7 @@ class Mode(enum.Enum):
 
     DISAGG = "disagg"  # always on a prefill worker; its KV is shipped to the decode worker
     COLLOCATED = "collocated"  # always on the decode worker itself (PrefillPlan.local)
-    AUTO = "auto"  # per request: remote only when the uncached prompt is long and P has room
+    AUTO = "auto"  # per request: remote when the uncached prompt is long and P is within budget
 
 
 class Role(enum.Enum):
@@ -49,9 +49,13 @@ class PolicyConfig:
     prefill_weight: float = 1.0
     # auto mode: prefill on the decode worker when at most this many prompt tokens are uncached.
     local_prefill_max_tokens: int = 256
-    # auto mode: a prefill worker is saturated when the uncached prompt tokens the router has
-    # queued on it (dispatched, first token not yet back) exceed this.
-    prefill_saturated_tokens: int = 16384
+    # auto mode, a prompt with more uncached tokens: it goes to the prefill worker while that
+    # worker's estimated time to prefill it (its queued uncached tokens, then this prompt's, at
+    # the throughput the router measured there) is at most this; past it, the decode worker
+    # prefills it when its own estimate (its queue, its measured chunked-prefill rate) is
+    # shorter. About half a TTFT target: the rest covers the estimate's error and the decode
+    # worker's admission.
+    prefill_budget_s: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.prefill_weight >= 0.0:
@@ -60,10 +64,8 @@ class PolicyConfig:
             raise ValueError(
                 f"local_prefill_max_tokens must be >= 0, got {self.local_prefill_max_tokens}"
             )
-        if self.prefill_saturated_tokens < 1:
-            raise ValueError(
-                f"prefill_saturated_tokens must be >= 1, got {self.prefill_saturated_tokens}"
-            )
+        if not self.prefill_budget_s > 0.0:
+            raise ValueError(f"prefill_budget_s must be > 0, got {self.prefill_budget_s}")
 
 
 @dataclass(frozen=True, slots=True)

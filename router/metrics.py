@@ -199,6 +199,12 @@ class _WorkerCollector(Collector):
             "Uncached prompt tokens dispatched to the worker whose first token is not back",
             labels=labels,
         )
+        rate = GaugeMetricFamily(
+            "tandem_router_worker_prefill_tokens_per_second",
+            "Prefill throughput the router measured on the worker from its own dispatch and "
+            "first-token times (what auto's estimates use; 0: not measured yet)",
+            labels=labels,
+        )
         free = GaugeMetricFamily(
             "tandem_router_worker_kv_blocks_free", "Last reported free KV blocks", labels=labels
         )
@@ -239,10 +245,12 @@ class _WorkerCollector(Collector):
             healthy.add_metric(values, 1.0 if s.healthy else 0.0)
             inflight.add_metric(values, s.num_inflight)
             prefill.add_metric(values, s.inflight_prefill_tokens)
+            rate.add_metric(values, s.prefill_meter.tokens_per_s() or 0.0)
             free.add_metric(values, s.load.num_blocks_free if s.load is not None else 0)
             cached.add_metric(values, len(s.cached_hashes))
             prefilling.add_metric(values, s.num_prefilling)
-        yield from (healthy, inflight, prefill, free, cached, prefilling, admitted, limit, waiting)
+        yield from (healthy, inflight, prefill, rate, free, cached, prefilling)
+        yield from (admitted, limit, waiting)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())

@@ -25,6 +25,15 @@ Where it departs from Dynamo (anchors.md 1.2), and why:
 - A worker whose reported free blocks cannot hold the request is only used when none can.
 - Exact ties rotate with the request sequence number instead of always taking the first worker,
   so single-turn traffic with no prefix reuse spreads evenly (dynamo #7836).
+
+auto (conditional disaggregation) decides in time, not tokens: a prompt with few uncached
+tokens on its decode worker is prefilled there (Dynamo's isl_bounding idea); a longer one goes
+to the prefill worker while that worker's estimated time for it fits `prefill_budget_s`, and
+past it to the decode worker when the decode worker would be done sooner. Estimates are queued
+uncached tokens over the prefill throughput the router measured on each worker from its own
+dispatch and first-token times (router/prefill_rate.py), so a pool of long prompts spills at a
+queue of a few prompts and a pool of short ones at many; Dynamo's original rule counted queued
+requests, its current `prefill_load` policy a busy threshold.
 """
 
 from __future__ import annotations
@@ -54,6 +63,10 @@ class WorkerSnapshot:
     num_inflight: int = 0  # requests not finished
     inflight_prefill_tokens: int = 0  # uncached prompt tokens whose prefill is not done
     inflight_kv_blocks: int = 0  # KV blocks of those requests' contexts so far
+    # Prefill throughput the router measured on this worker (router/prefill_rate.py), tokens/s
+    # of the prompts it computes, overheads included; None: none of them completed yet.
+    prefill_tokens_per_s: float | None = None
+    prefill_progress_s: float = 0.0  # seconds of its queued prefill work already done
 
     @property
     def held_blocks(self) -> int:
@@ -76,8 +89,15 @@ class RouteCause(enum.Enum):
     COLLOCATED = "collocated"  # mode=collocated: always on the decode worker
     FEW_UNCACHED = "few_uncached"  # auto, local: uncached tokens <= local_prefill_max_tokens
     NO_PREFILL_WORKER = "no_prefill_worker"  # auto, local: no healthy prefill worker
-    PREFILL_SATURATED = "prefill_saturated"  # auto, local: the best prefill worker is saturated
-    MANY_UNCACHED = "many_uncached"  # auto, remote: uncached tokens > local_prefill_max_tokens
+    # auto, local: the prefill worker's estimated time for the prompt is over prefill_budget_s
+    # and the decode worker's own estimate is shorter
+    PREFILL_SATURATED = "prefill_saturated"
+    # auto, remote: uncached tokens > local_prefill_max_tokens and the prefill worker's estimate
+    # is within prefill_budget_s (or not measured yet)
+    MANY_UNCACHED = "many_uncached"
+    # auto, remote: the prefill worker is over budget, but prefilling on the decode worker would
+    # take no less time (its own queue, its chunked-prefill rate)
+    LOCAL_NOT_SOONER = "local_not_sooner"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +140,13 @@ def prefill_cost(w: WorkerSnapshot, req: RouteRequest, weight: float) -> float:
         req.num_prompt_tokens, req.overlap_blocks.get(w.worker_id, 0), w.block_size
     )
     return weight * todo / w.block_size
+
+
+def prefill_time_s(w: WorkerSnapshot, tokens: int, tokens_per_s: float) -> float:
+    """Estimated seconds until `w` has prefilled `tokens` more after its queue: the queued
+    uncached tokens less the part already worked on, then these, at `tokens_per_s`."""
+    queued_s = max(0.0, w.inflight_prefill_tokens / tokens_per_s - w.prefill_progress_s)
+    return queued_s + tokens / tokens_per_s
 
 
 def decode_cost(w: WorkerSnapshot, req: RouteRequest) -> float:
@@ -166,15 +193,44 @@ def route(
         why = f"no healthy prefill worker; decode {d_why}"
         return _local(mode, d, req, RouteCause.NO_PREFILL_WORKER, why)
     p, p_why = _pick(prefill, req, lambda w: prefill_cost(w, req, config.prefill_weight))
-    if p.inflight_prefill_tokens >= config.prefill_saturated_tokens:
-        why = (
-            f"prefill pool saturated ({p.worker_id} has {p.inflight_prefill_tokens} "
-            f">= {config.prefill_saturated_tokens} queued tokens)"
-        )
-        return _local(mode, d, req, RouteCause.PREFILL_SATURATED, f"{why}; decode {d_why}")
-    why = f"uncached {local_todo} > {config.local_prefill_max_tokens} tokens"
-    cause = RouteCause.MANY_UNCACHED
+    cause, why = _auto_where(d, p, req, local_todo, config)
+    if cause is RouteCause.PREFILL_SATURATED:
+        return _local(mode, d, req, cause, f"{why}; decode {d_why}")
     return _remote(mode, d, p, req, cause, f"{why}; decode {d_why}; prefill {p_why}")
+
+
+def _auto_where(
+    d: WorkerSnapshot, p: WorkerSnapshot, req: RouteRequest, local_todo: int, config: PolicyConfig
+) -> tuple[RouteCause, str]:
+    """auto, a long uncached prompt: remote while the prefill worker's estimated time for it
+    fits prefill_budget_s; past it, local when the decode worker would be done sooner.
+
+    Both estimates are measured rates (router/prefill_rate.py) over queued work. Remote costs
+    the prefill GPU and a KV transfer but keeps prompt chunks out of the decode batch (ITL);
+    local shares the decode GPU's steps with its running requests. Spilling only past the
+    budget keeps the decode batch free of chunks until the prefill queue would cost TTFT."""
+    remote_todo = uncached_tokens(
+        req.num_prompt_tokens, req.overlap_blocks.get(p.worker_id, 0), p.block_size
+    )
+    many = f"uncached {local_todo} > {config.local_prefill_max_tokens} tokens"
+    p_rate = p.prefill_tokens_per_s
+    if p_rate is None:
+        return RouteCause.MANY_UNCACHED, f"{many}; {p.worker_id} prefill rate not measured yet"
+    remote_s = prefill_time_s(p, remote_todo, p_rate)
+    remote = f"{p.worker_id} est {remote_s:.3f} s at {p_rate:.0f} tok/s"
+    if remote_s <= config.prefill_budget_s:
+        return RouteCause.MANY_UNCACHED, f"{many}; {remote} <= {config.prefill_budget_s:g} s"
+    # A decode worker that has not prefilled a prompt yet is assumed as fast as the prefill
+    # worker (same model); its first local prefills measure its own rate, decode batch included.
+    measured = d.prefill_tokens_per_s
+    d_rate = measured if measured is not None else p_rate
+    d_rate_why = "measured" if measured is not None else f"assumed {p.worker_id}'s"
+    local_s = prefill_time_s(d, local_todo, d_rate)
+    local = f"local est {local_s:.3f} s at {d_rate:.0f} tok/s ({d_rate_why})"
+    over = f"{remote} > {config.prefill_budget_s:g} s"
+    if local_s < remote_s:
+        return RouteCause.PREFILL_SATURATED, f"prefill pool saturated: {over}; {local}"
+    return RouteCause.LOCAL_NOT_SOONER, f"{many}; {over}; {local} not sooner"
 
 
 def _pick(

@@ -18,7 +18,8 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -27,6 +28,7 @@ from proto import tandem_pb2 as pb
 from router.client import WorkerClient
 from router.config import Role, WorkerAddress
 from router.policy import RouteDecision, WorkerSnapshot, prefix_overlap
+from router.prefill_rate import PrefillMeter
 from runtime.block_hash import hash_request_blocks
 from runtime.tls import TlsFiles
 
@@ -55,6 +57,7 @@ class WorkerState:
     num_prefilling: int = 0  # choices whose prompt it computes and whose first token is not back
     inflight_prefill_tokens: int = 0
     inflight_kv_blocks: int = 0
+    prefill_meter: PrefillMeter = field(default_factory=PrefillMeter)  # prompts it computes
     draining: bool = False  # deregistered: never routed to again, removed once idle
     metrics_address: str = ""  # from Health: where Prometheus scrapes it ("": not reported)
 
@@ -102,8 +105,10 @@ class WorkerRegistry:
         load_interval_s: float,
         health_interval_s: float,
         tls: TlsFiles | None = None,
+        clock: Callable[[], float] = time.monotonic,  # seconds; times the prefill meters
     ) -> None:
         self._addresses = tuple(workers)
+        self._clock = clock
         self._tls = tls  # of the gRPC channels to the workers; None: plaintext
         self._rpc_timeout_s = rpc_timeout_s
         self._load_interval_s = load_interval_s
@@ -227,7 +232,8 @@ class WorkerRegistry:
         return self._workers.values()
 
     def snapshot(self) -> tuple[WorkerSnapshot, ...]:
-        return tuple(_snapshot(s) for s in self._workers.values())
+        now = self._clock()
+        return tuple(_snapshot(s, now) for s in self._workers.values())
 
     def any_healthy(self, role: Role) -> bool:
         return any(s.healthy for s in self._workers.values() if s.worker.role is role)
@@ -271,6 +277,7 @@ class WorkerRegistry:
         decode.num_inflight += 1
         prefiller.num_prefilling += 1
         prefiller.inflight_prefill_tokens += ticket.prefill_tokens
+        prefiller.prefill_meter.started(self._clock())
         self._set_context(ticket, num_prompt_tokens)
         return ticket
 
@@ -279,9 +286,8 @@ class WorkerRegistry:
         if ticket.finished:
             return
         if ticket.prefill_pending:
-            ticket.prefill_pending = False
-            ticket.prefiller.num_prefilling -= 1
-            ticket.prefiller.inflight_prefill_tokens -= ticket.prefill_tokens
+            self._end_prefill(ticket)
+            ticket.prefiller.prefill_meter.completed(self._clock(), ticket.prefill_tokens)
         self._set_context(ticket, ticket.context_tokens + num_new_tokens)
 
     def finish(self, ticket: Ticket) -> None:
@@ -289,12 +295,16 @@ class WorkerRegistry:
         if ticket.finished:
             return
         if ticket.prefill_pending:
-            ticket.prefill_pending = False
-            ticket.prefiller.num_prefilling -= 1
-            ticket.prefiller.inflight_prefill_tokens -= ticket.prefill_tokens
+            self._end_prefill(ticket)
+            ticket.prefiller.prefill_meter.dropped(self._clock())
         ticket.decode.inflight_kv_blocks -= ticket.kv_blocks
         ticket.decode.num_inflight -= 1
         ticket.finished = True
+
+    def _end_prefill(self, ticket: Ticket) -> None:
+        ticket.prefill_pending = False
+        ticket.prefiller.num_prefilling -= 1
+        ticket.prefiller.inflight_prefill_tokens -= ticket.prefill_tokens
 
     def _set_context(self, ticket: Ticket, context_tokens: int) -> None:
         blocks = math.ceil(context_tokens / ticket.decode.block_size)
@@ -358,7 +368,7 @@ def apply_kv_event(cached: set[int], event: pb.KVEvent) -> None:
     cached.update(event.stored_block_hashes)
 
 
-def _snapshot(s: WorkerState) -> WorkerSnapshot:
+def _snapshot(s: WorkerState, now: float) -> WorkerSnapshot:
     load = s.load if s.load is not None else pb.WorkerLoad()
     return WorkerSnapshot(
         worker_id=s.worker.worker_id,
@@ -373,4 +383,6 @@ def _snapshot(s: WorkerState) -> WorkerSnapshot:
         num_inflight=s.num_inflight,
         inflight_prefill_tokens=s.inflight_prefill_tokens,
         inflight_kv_blocks=s.inflight_kv_blocks,
+        prefill_tokens_per_s=s.prefill_meter.tokens_per_s(),
+        prefill_progress_s=s.prefill_meter.progress_s(now),
     )

@@ -12,12 +12,13 @@ from router.policy import (
     RouteRequest,
     Unroutable,
     WorkerSnapshot,
+    prefill_time_s,
     prefix_overlap,
     route,
     uncached_tokens,
 )
 
-CFG = PolicyConfig(prefill_weight=1.0, local_prefill_max_tokens=64, prefill_saturated_tokens=1000)
+CFG = PolicyConfig(prefill_weight=1.0, local_prefill_max_tokens=64, prefill_budget_s=0.5)
 
 
 def decode(worker_id: str, **kw: object) -> WorkerSnapshot:
@@ -149,11 +150,68 @@ def test_auto_sends_long_uncached_prompts_to_the_prefill_pool() -> None:
     assert d.uncached_tokens == 1000 - 160
 
 
-def test_auto_prefills_locally_when_the_pool_is_saturated_or_absent() -> None:
-    saturated = [decode("d0"), prefill("p0", inflight_prefill_tokens=5000)]
-    d = route(req(1000), saturated, Mode.AUTO, CFG)
-    assert not d.remote_prefill and "saturated" in d.reason
-    assert d.cause is RouteCause.PREFILL_SATURATED
+def test_prefill_time_counts_the_queue_less_the_work_already_done() -> None:
+    # 10,000 tokens queued at 10,000 tok/s, 0.25 s of them done: 0.75 s, then 1,000 more: 0.1 s
+    w = prefill("p0", inflight_prefill_tokens=10_000, prefill_progress_s=0.25)
+    assert prefill_time_s(w, 1000, 10_000.0) == pytest.approx(0.85)
+    # progress beyond the estimate does not make the queue negative
+    late = prefill("p0", inflight_prefill_tokens=1000, prefill_progress_s=5.0)
+    assert prefill_time_s(late, 1000, 10_000.0) == pytest.approx(0.1)
+
+
+def test_auto_stays_remote_while_the_prefill_estimate_fits_the_budget() -> None:
+    # 3,000 tokens queued + 1,000 at 10,000 tok/s = 0.4 s <= 0.5 s: remote, even with an idle
+    # decode worker that would be sooner (chunks stay out of the decode batch)
+    workers = [decode("d0"), prefill("p0", inflight_prefill_tokens=3000, prefill_tokens_per_s=1e4)]
+    d = route(req(1000), workers, Mode.AUTO, CFG)
+    assert d.remote_prefill and d.cause is RouteCause.MANY_UNCACHED
+    assert "p0 est 0.400 s at 10000 tok/s <= 0.5 s" in d.reason
+
+
+def test_auto_spills_a_prompt_to_the_decode_worker_past_the_budget_in_time() -> None:
+    # The same 5,000 queued tokens are 0.25 s on a fast prefill worker (remote) and 0.5 s on a
+    # slow one (local): the rule is in seconds of measured work, not in tokens.
+    fast = [decode("d0"), prefill("p0", inflight_prefill_tokens=5000, prefill_tokens_per_s=2e4)]
+    assert route(req(1000), fast, Mode.AUTO, CFG).remote_prefill
+    slow = [decode("d0"), prefill("p0", inflight_prefill_tokens=5000, prefill_tokens_per_s=1e4)]
+    d = route(req(1000), slow, Mode.AUTO, CFG)
+    assert not d.remote_prefill and d.cause is RouteCause.PREFILL_SATURATED
+    # the decode worker never prefilled: assumed as fast as p0, idle: 0.1 s < 0.6 s
+    assert "p0 est 0.600 s at 10000 tok/s > 0.5 s" in d.reason
+    assert "local est 0.100 s at 10000 tok/s (assumed p0's)" in d.reason
+    assert d.header_value().startswith("mode=auto; decode=d0; prefill=local;")
+    assert "reason=prefill pool saturated:" in d.header_value()
+
+
+def test_auto_keeps_a_prompt_remote_when_local_would_not_be_sooner() -> None:
+    # p0: 0.6 s; d0 measured at 4,000 tok/s with 1,000 tokens of its own queued: 0.5 s -> local;
+    # with 2,000 queued: 0.75 s -> remote after all
+    p0 = prefill("p0", inflight_prefill_tokens=5000, prefill_tokens_per_s=1e4)
+    busy = decode("d0", inflight_prefill_tokens=1000, prefill_tokens_per_s=4000.0)
+    d = route(req(1000), [busy, p0], Mode.AUTO, CFG)
+    assert not d.remote_prefill and "local est 0.500 s at 4000 tok/s (measured)" in d.reason
+    busier = dataclasses.replace(busy, inflight_prefill_tokens=2000)
+    d = route(req(1000), [busier, p0], Mode.AUTO, CFG)
+    assert d.remote_prefill and d.cause is RouteCause.LOCAL_NOT_SOONER
+    assert d.prefill_worker_id == "p0" and "local est 0.750 s" in d.reason
+
+
+def test_auto_local_estimate_counts_only_the_uncached_part_on_each_side() -> None:
+    # 1,600 tokens; d0 caches 60 blocks (960), p0 none. p0: 0.6 + 0.16 s; d0: 640 / 1e4 s
+    workers = [decode("d0"), prefill("p0", inflight_prefill_tokens=6000, prefill_tokens_per_s=1e4)]
+    d = route(req(1600, d0=60), workers, Mode.AUTO, CFG)
+    assert not d.remote_prefill and d.uncached_tokens == 640
+    assert "p0 est 0.760 s" in d.reason and "local est 0.064 s" in d.reason
+
+
+def test_auto_sends_remote_before_the_prefill_rate_is_measured() -> None:
+    workers = [decode("d0"), prefill("p0", inflight_prefill_tokens=10**6)]
+    d = route(req(1000), workers, Mode.AUTO, CFG)
+    assert d.remote_prefill and d.cause is RouteCause.MANY_UNCACHED
+    assert "p0 prefill rate not measured yet" in d.reason
+
+
+def test_auto_prefills_locally_when_no_prefill_worker_is_healthy() -> None:
     absent = route(req(1000), [decode("d0"), prefill("p0", healthy=False)], Mode.AUTO, CFG)
     assert not absent.remote_prefill and "no healthy prefill worker" in absent.reason
     assert absent.cause is RouteCause.NO_PREFILL_WORKER
@@ -165,7 +223,7 @@ def test_policy_config_rejects_bad_values() -> None:
     with pytest.raises(ValueError):
         PolicyConfig(local_prefill_max_tokens=-1)
     with pytest.raises(ValueError):
-        PolicyConfig(prefill_saturated_tokens=0)
+        PolicyConfig(prefill_budget_s=0)
 
 
 def test_worker_specs_parse_and_validate() -> None:
