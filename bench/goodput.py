@@ -331,12 +331,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
     workload = WORKLOADS[args.workload]
     if args.isl is not None or args.osl is not None:
+        isl = args.isl if args.isl is not None else workload.isl
         workload = Workload(
             name=workload.name,
-            isl=args.isl if args.isl is not None else workload.isl,
+            isl=isl,
             osl=args.osl if args.osl is not None else workload.osl,
             turns=workload.turns,
-            shared_prefix=min(workload.shared_prefix, args.isl or workload.isl),
+            # a shorter first turn keeps its own user message: the shared system prompt shrinks
+            # (else every conversation's first turn would be the same prompt, all cache hits)
+            shared_prefix=max(0, min(workload.shared_prefix, isl - workload.user_tokens)),
             user_tokens=workload.user_tokens,
         )
     if workload.isl < 1 or workload.osl < 1:

@@ -130,7 +130,9 @@ def test_cli_table_and_plot(tmp_path: Path) -> None:
     )  # fmt: skip
     c = config_from_args(args)
     assert c.url == "http://h:1" and c.rates == (0.5, 1.0) and c.label == "auto"
-    assert c.workload == Workload("multiturn", isl=600, osl=16, turns=4, shared_prefix=600)
+    # a shorter first turn keeps its 128-token user message: conversations start apart
+    assert c.workload == Workload("multiturn", isl=600, osl=16, turns=4, shared_prefix=472)
+    assert c.workload.prompts(0, 0)[0][472:] != c.workload.prompts(1, 0)[0][472:]
     assert (c.strict, c.loose) == (Slo(1.0, 0.02), Slo(2.0, 0.05))
     bad = parser.parse_args(["goodput", "run", "--url", "u", "--workload", "3k150",
                              "--rates", "1,x", "--label", "l"])  # fmt: skip
