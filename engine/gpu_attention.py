@@ -66,8 +66,15 @@ def attend(
     meta: GpuAttentionMetadata,
 ) -> torch.Tensor:
     """q [N, Hq, D], k/v [N, Hk, D] -> [N, Hq, D]. Writes the new tokens' K/V into the pool."""
+    kernels().store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    return attend_stored(q, k_cache, v_cache, meta)
+
+
+def attend_stored(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: GpuAttentionMetadata
+) -> torch.Tensor:
+    """attend() once the step's new K/V are already in the pool (triton_fused.rope_store_kv)."""
     kern = kernels()
-    kern.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:

@@ -10,12 +10,23 @@ from torch import nn
 
 from engine.config import RopeScaling
 
+# Steps of at most this many tokens run the decoder through engine/triton_gemv.py (the
+# GEMVs with the norms, SiLU and residual adds fused in); larger ones through cuBLAS' GEMMs.
+SMALL_BATCH_ROWS = 8
+
 
 def fused() -> ModuleType:
     """engine.triton_fused, imported on first CUDA use: CPU-only installs have no triton."""
     from engine import triton_fused
 
     return triton_fused
+
+
+def gemv() -> ModuleType:
+    """engine.triton_gemv, imported on first CUDA use (as fused())."""
+    from engine import triton_gemv
+
+    return triton_gemv
 
 
 class RMSNorm(nn.Module):

@@ -1,4 +1,5 @@
-"""Fused elementwise kernels for CUDA (Triton): RMSNorm, RoPE, SiLU-and-mul.
+"""Fused elementwise kernels for CUDA (Triton): RMSNorm, RoPE (alone, or with the K/V store),
+SiLU-and-mul.
 
 Why: a decode step of an 8B model at batch 1 runs ~40 small kernels per layer through torch's
 elementwise ops (RMSNorm alone is 6); at ~2-3 us each that is ~3 ms per step, as much as
@@ -146,6 +147,116 @@ def rope(
             HALF=d // 2,
             num_warps=4,
         )
+    return out
+
+
+@triton.jit
+def _rope_store_kv_kernel(
+    Q,
+    K,
+    V,
+    QOut,
+    KC,
+    VC,
+    positions,
+    slots,
+    Cos,
+    Sin,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    stride_cb,
+    stride_ct,
+    stride_ch,
+    num_q_heads,
+    num_kv_heads,
+    BLOCK_SIZE: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions + n)
+    h = tl.arange(0, HEADS_PAD)
+    j = tl.arange(0, HALF)
+    dt = QOut.dtype.element_ty
+    # cos/sin tables are fp32 [max_pos, 2*HALF] with equal halves; torch rounds them to x's dtype
+    c = tl.load(Cos + pos * 2 * HALF + j).to(dt).to(tl.float32)[None, :]
+    s = tl.load(Sin + pos * 2 * HALF + j).to(dt).to(tl.float32)[None, :]
+    if tl.program_id(1) == 0:  # query heads -> QOut [N, Hq, D]
+        hmask = (h < num_q_heads)[:, None]
+        src = Q + n * stride_qn + h[:, None] * stride_qh + j[None, :]
+        dst = QOut + n * num_q_heads * 2 * HALF + h[:, None] * 2 * HALF + j[None, :]
+    else:  # key heads -> their slot in the pool (slot < 0: a padding row, nothing written)
+        slot = tl.load(slots + n)
+        hmask = ((h < num_kv_heads) & (slot >= 0))[:, None]
+        src = K + n * stride_kn + h[:, None] * stride_kh + j[None, :]
+        cache = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_ct
+        cache += h[:, None] * stride_ch + j[None, :]
+        dst = KC + cache
+        vsrc = V + n * stride_vn + h[:, None] * stride_vh + j[None, :]
+        tl.store(VC + cache, tl.load(vsrc, mask=hmask), mask=hmask)
+        tl.store(VC + cache + HALF, tl.load(vsrc + HALF, mask=hmask), mask=hmask)
+    x1 = tl.load(src, mask=hmask).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=hmask).to(tl.float32)
+    # torch: x * cos + rotate_half(x) * sin, each product rounded, then the sum rounded
+    o1 = (x1 * c).to(dt).to(tl.float32) + (-x2 * s).to(dt).to(tl.float32)
+    o2 = (x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)
+    tl.store(dst, o1.to(dt), mask=hmask)
+    tl.store(dst + HALF, o2.to(dt), mask=hmask)
+
+
+def rope_store_kv(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """rope + store_kv in one launch (what three kernels did: rope(q), rope(k), store_kv).
+    q [N, Hq, D], k/v [N, Hk, D] (last dim contiguous); caches [NB, bs, Hk, D] with the
+    same strides. Returns rope(q) as a new contiguous [N, Hq, D]; rope(k) and v go to
+    their slots (slot_mapping [N]; < 0 skipped)."""
+    n, hq, d = q.shape
+    hk = k.shape[1]
+    out = torch.empty((n, hq, d), dtype=q.dtype, device=q.device)
+    if n == 0:
+        return out
+    assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    _rope_store_kv_kernel[(n, 2)](
+        q,
+        k,
+        v,
+        out,
+        k_cache,
+        v_cache,
+        positions,
+        slot_mapping,
+        cos,
+        sin,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        hq,
+        hk,
+        BLOCK_SIZE=k_cache.shape[1],
+        HEADS_PAD=triton.next_power_of_2(max(hq, hk)),
+        HALF=d // 2,
+        num_warps=4,
+    )
     return out
 
 

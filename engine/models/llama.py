@@ -6,15 +6,17 @@ two); the loader splices the checkpoint's separate tensors into them.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig
-from engine.gpu_attention import GpuAttentionMetadata
+from engine.gpu_attention import GpuAttentionMetadata, attend_stored
 from engine.kv_cache import KVCache
-from engine.layers import RMSNorm, RotaryEmbedding, fused
+from engine.layers import SMALL_BATCH_ROWS, RMSNorm, RotaryEmbedding, fused, gemv
 
 
 class Attention(nn.Module):
@@ -54,6 +56,26 @@ class Attention(nn.Module):
         q, k = self.rotary(positions, q, k)
         o = paged_attention(q, k, v, kv[0], kv[1], meta)  # [N, Hq, D]
         return self.o_proj(o.reshape(n, self.q_size))
+
+    def attend_small(
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        meta: GpuAttentionMetadata,
+        kv: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """qkv [N, q + 2 kv] (the fused projection's output) -> attention output [N, q_size],
+        before o_proj; RoPE and the K/V store in one kernel."""
+        n = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        r = self.rotary
+        q = fused().rope_store_kv(positions, q, k, v, r.cos, r.sin, kv[0], kv[1], meta.slot_mapping)
+        return attend_stored(q, kv[0], kv[1], meta).view(n, self.q_size)
 
 
 class MLP(nn.Module):
@@ -98,6 +120,29 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm.add_forward(a, residual)
         return self.mlp(h), residual
 
+    def forward_small(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        meta: GpuAttentionMetadata,
+        kv: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """h: the residual stream [N <= SMALL_BATCH_ROWS, hidden] -> the stream after this
+        layer. The ops and bf16 rounding points of forward(), in 7 kernels instead of 12: the
+        norms ride in the prologue of the GEMV that reads their output, SiLU-and-mul in the
+        down projection's, the residual adds in the epilogues of o_proj and down
+        (triton_gemv); RoPE and the K/V store are one kernel. At batch 1 each kernel boundary
+        is a few microseconds of idle memory bus, against ~100 us of weights per layer."""
+        g = gemv()
+        attn, mlp = self.self_attn, self.mlp
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        qkv = g.linear(h, attn.qkv_proj.weight, attn.qkv_proj.bias, norm=(ln1.weight, ln1.eps))
+        o = attn.attend_small(qkv, positions, meta, kv)
+        h = g.linear(o, attn.o_proj.weight, residual=h)
+        gate_up = g.linear(h, mlp.gate_up_proj.weight, norm=(ln2.weight, ln2.eps))
+        out: torch.Tensor = g.linear(gate_up, mlp.down_proj.weight, silu=True, residual=h)
+        return out
+
 
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
@@ -120,12 +165,32 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [N] -> final hidden states [N, hidden]."""
         x = self.embed_tokens(input_ids)
+        if isinstance(meta, GpuAttentionMetadata) and self._small_batch(x):
+            for i, block in enumerate(self._decoder_layers()):  # x: the residual stream
+                x = block.forward_small(x, positions, meta, kv_cache.layer(i))
+            return self.norm(x)
         residual: torch.Tensor | None = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, positions, meta, kv_cache.layer(i), residual)
         if residual is None:  # no layers
             return self.norm(x)
         return self.norm.add_forward(x, residual)[0]
+
+    def _small_batch(self, x: torch.Tensor) -> bool:
+        """The GEMV path (DecoderLayer.forward_small): a CUDA step of few tokens, with plain
+        linears (tensor parallelism's row-parallel o_proj/down all-reduce: the GEMM path)."""
+        return (
+            x.is_cuda
+            and x.shape[0] <= SMALL_BATCH_ROWS
+            and all(
+                isinstance(block.self_attn.o_proj, nn.Linear)
+                and isinstance(block.mlp.down_proj, nn.Linear)
+                for block in self._decoder_layers()
+            )
+        )
+
+    def _decoder_layers(self) -> list[DecoderLayer]:
+        return cast(list[DecoderLayer], list(self.layers))
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [R, hidden] -> logits [R, vocab]."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
 from engine.attention import AttentionMetadata, PrefillSpan, paged_attention
@@ -107,6 +108,58 @@ def test_triton_attention_matches_sdpa(dtype: torch.dtype, hq: int, hk: int, d: 
     assert torch.equal(pool, ref_pool)  # same slots written, nothing else touched
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_triton_gemv_matches_unfused(dtype: torch.dtype, m: int) -> None:
+    """triton_gemv.linear with each prologue/epilogue against the unfused kernels + F.linear."""
+    from engine import triton_fused, triton_gemv
+
+    torch.manual_seed(m)
+    n, k = 96, 320  # not multiples of the tiles: masked edges
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w = torch.randn(n, k, device="cuda", dtype=dtype) / 8
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    nw = 1 + torch.randn(k, device="cuda", dtype=dtype) / 4
+    res = torch.randn(m, n, device="cuda", dtype=dtype)
+    gu = torch.randn(m, 2 * k, device="cuda", dtype=dtype)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    for tile in [None, (8, 128, 4), (2, 512, 8)]:
+        cases = [
+            (triton_gemv.linear(x, w, b, tile=tile), F.linear(x, w, b)),
+            (
+                triton_gemv.linear(x, w, norm=(nw, 1e-5), tile=tile),
+                F.linear(triton_fused.rms_norm(x, nw, 1e-5), w),
+            ),
+            (
+                triton_gemv.linear(gu, w, silu=True, residual=res, tile=tile),
+                F.linear(triton_fused.silu_and_mul(gu), w) + res,
+            ),
+        ]
+        for got, ref in cases:
+            torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
+
+
+def test_rope_store_kv_matches_rope_then_store() -> None:
+    from engine import triton_fused, triton_kernels
+
+    torch.manual_seed(0)
+    n, hq, hk, d, nb = 5, 8, 2, 64, 6
+    qkv = torch.randn(n, (hq + 2 * hk) * d, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (t.view(n, -1, d) for t in qkv.split([hq * d, hk * d, hk * d], dim=-1))
+    pos = torch.tensor([3, 0, 17, 40, 9], device="cuda")
+    slots = torch.tensor([5, -1, 30, 77, 2], device="cuda")
+    cos = torch.randn(64, d, device="cuda")
+    sin = torch.randn(64, d, device="cuda")
+    pool = torch.randn(nb, 2, BS, hk, d, device="cuda", dtype=torch.bfloat16)
+    ref_pool = pool.clone()
+    got_q = triton_fused.rope_store_kv(pos, q, k, v, cos, sin, pool[:, 0], pool[:, 1], slots)
+    ref_q = triton_fused.rope(pos, q, cos, sin)
+    k_rot = triton_fused.rope(pos, k, cos, sin)
+    triton_kernels.store_kv(k_rot, v, ref_pool[:, 0], ref_pool[:, 1], slots)
+    assert torch.equal(got_q, ref_q)
+    assert torch.equal(pool, ref_pool)
 
 
 GREEDY = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
