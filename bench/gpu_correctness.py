@@ -12,7 +12,11 @@ For each dtype (bf16, fp32):
     positions predicting the continuation only. Natural text has many near-tied top-2 logits;
     the model's own continuation fewer. Both sets are always reported;
   - greedy text: the first 32 new tokens of each prompt, Tandem LLM.generate (all prompts
-    batched) vs transformers generate (each prompt alone).
+    batched) vs transformers generate (each prompt alone); where they part, transformers' gap
+    between its token and ours, in bf16 ulps;
+  - for every agreement figure, beside the strict one: the tie-aware agreement (our top-1 among
+    transformers' exactly tied maxima) and where the disagreements sit in transformers' bf16
+    ulps (bench/agreement.py).
 Prints a table and one JSON line.
 
     python -m bench.gpu_correctness --model DIR
@@ -28,6 +32,7 @@ from typing import Any
 
 import torch
 
+from bench.agreement import agreement, bf16_ulp, logits_agreement, summary
 from engine import LLM, SamplingParams
 from engine.gpu_runner import GpuModelRunner
 from engine.plan import ScheduledRow, StepPlan
@@ -214,7 +219,7 @@ def own_continuations(model_dir: Path) -> list[tuple[list[int], list[int]]]:
 
 def _continuation_top1(
     hf: Any, llm: LLM, sets: list[tuple[list[int], list[int]]]
-) -> tuple[float, int]:
+) -> tuple[float, int, dict[str, Any]]:
     """Top-1 agreement (prefill path) at the positions that predict each continuation."""
     texts = [p + c for p, c in sets]
     ours = _teacher_forced_prefill(llm, texts)
@@ -222,7 +227,7 @@ def _continuation_top1(
         ref = [hf(torch.tensor([t], device="cuda")).logits[0].float() for t in texts]
     a = [x[len(p) - 1 : len(p) - 1 + len(c)] for x, (p, c) in zip(ours, sets, strict=True)]
     b = [x[len(p) - 1 : len(p) - 1 + len(c)] for x, (p, c) in zip(ref, sets, strict=True)]
-    return _top1(a, b), sum(len(x) for x in a)
+    return _top1(a, b), sum(len(x) for x in a), logits_agreement(a, b)
 
 
 def run(
@@ -246,7 +251,13 @@ def run(
         max_num_batched_tokens=1024,
     )
     with torch.inference_mode():
-        ref = [hf(torch.tensor([ids], device="cuda")).logits[0].float() for ids in texts]
+        raw = [hf(torch.tensor([ids], device="cuda")).logits[0] for ids in texts]
+    ref_dtype = raw[0].dtype
+    ref = [x.float() for x in raw]
+    del raw
+    with torch.inference_mode():
+        runner = llm.engine.runner
+        our_dtype = runner.model.compute_logits(runner.model.embed_tokens.weight[:1]).dtype
     # prefill path: every position of every text
     ours = _teacher_forced_prefill(llm, texts)
     floor = noise_floor(model_dir, texts, ours) if dtype == torch.bfloat16 else {}
@@ -259,8 +270,12 @@ def run(
         top1 = r.argmax(-1)[first - 1 : first - 1 + len(p)].tolist()
         dec_agree += sum(int(x == y) for x, y in zip(p, top1, strict=True))
         dec_total += len(p)
+    dec_ties = agreement(
+        torch.tensor([t for p in picks for t in p]),
+        torch.cat([r[first - 1 : first - 1 + len(p)] for p, r in zip(picks, ref, strict=True)]),
+    )
     # second text set: the model's own (fp32) greedy continuations
-    cont_top1, cont_total = _continuation_top1(hf, llm, continuations)
+    cont_top1, cont_total, cont_ties = _continuation_top1(hf, llm, continuations)
     # greedy text: chat prompts
     prompts = _chat_prompts(model_dir)
     params = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0, ignore_eos=True)
@@ -271,6 +286,14 @@ def run(
         next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
         for a, b in zip(mine, theirs, strict=True)
     ]
+    # where they part: transformers' logits there, its token's lead over ours in its ulps
+    split_gap_ulps = []
+    for p, a, b, d in zip(prompts, mine, theirs, first_diff, strict=True):
+        if d is None:
+            continue
+        with torch.inference_mode():
+            lg = hf(torch.tensor([p + b[:d]], device="cuda")).logits[0, -1].float()
+        split_gap_ulps.append(float((lg[b[d]] - lg[a[d]]) / bf16_ulp(lg[b[d]])))
     del llm, hf
     torch.cuda.empty_cache()
     return {
@@ -284,6 +307,11 @@ def run(
         "greedy_identical": sum(same),
         "greedy_prompts": len(same),
         "greedy_first_diff": first_diff,
+        "greedy_split_ref_gap_ulps": split_gap_ulps,
+        "logits_dtype": {"transformers": str(ref_dtype), "tandem": str(our_dtype)},
+        "prefill_ties": logits_agreement(ours, ref),
+        "decode_ties": dec_ties,
+        "continuation_ties": cont_ties,
         "sample_text": tok.decode(mine[0]),
         "reference_text": tok.decode(theirs[0]),
         "noise_floor": floor,
@@ -312,6 +340,12 @@ def main() -> None:
             f"{r['greedy_identical']:>18}/{r['greedy_prompts']}"
         )
     for r in results:
+        print(f"{r['dtype']}: logits dtype {r['logits_dtype']}")
+        for name in ("prefill", "decode", "continuation"):
+            print(f"  {name:<13}{summary(r[name + '_ties'])}")
+        if r["greedy_split_ref_gap_ulps"]:
+            gaps = r["greedy_split_ref_gap_ulps"]
+            print(f"  greedy: transformers' lead at each split, in its ulps: {gaps}")
         for k, v in r["noise_floor"].items():
             print(f"  top-1 agreement {k}: {v:.4f}")
     print(
