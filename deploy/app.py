@@ -42,6 +42,8 @@ class ServeConfig:
     # ranks (processes; GPUs on a GPU cluster) of each prefill / decode worker
     prefill_tp: int = 1
     decode_tp: int = 1
+    # every worker's --tp-invariant-shards (engine/tp_invariant.py): both TP sizes divide it
+    tp_invariant_shards: int | None = None
     router_args: tuple[str, ...] = ()
     admin_key: str | None = field(default=None, repr=False)
     api_key: str | None = field(default=None, repr=False)  # of the router's /v1/*
@@ -66,6 +68,13 @@ class ServeConfig:
                 "use prefill TP 1 or equal sizes"
             )
 
+        s = self.tp_invariant_shards
+        if s is not None and (s < 1 or s % self.prefill_tp or s % self.decode_tp):
+            raise ValueError(
+                f"--tp-invariant-shards {s} must be a multiple of the prefill TP "
+                f"{self.prefill_tp} and the decode TP {self.decode_tp}"
+            )
+
     def tensor_parallel(self, role: Role) -> int:
         return self.prefill_tp if role is Role.PREFILL else self.decode_tp
 
@@ -88,7 +97,9 @@ def router_spec(config: ServeConfig) -> ProcessSpec:
 
 
 def worker_spec(config: ServeConfig, worker_id: str, role: Role) -> ProcessSpec:
-    tp = ("--tensor-parallel-size", str(config.tensor_parallel(role)))
+    tp: tuple[str, ...] = ("--tensor-parallel-size", str(config.tensor_parallel(role)))
+    if config.tp_invariant_shards is not None:
+        tp += ("--tp-invariant-shards", str(config.tp_invariant_shards))
     return ProcessSpec(
         name=worker_id,
         module=WORKER_MODULES[role],

@@ -207,6 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker_args=_worker_args(args),
         prefill_tp=_tp(args, "prefill"),
         decode_tp=_tp(args, "decode"),
+        tp_invariant_shards=args.tp_invariant_shards,
         router_args=_router_args(args),
         admin_key=args.admin_key or None,
         api_key=args.api_key or None,

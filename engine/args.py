@@ -38,6 +38,7 @@ class EngineArgs:
     # None: on CUDA (the host's work per step hides behind the GPU's), off on CPU (the host
     # is the device: nothing to overlap with)
     async_scheduling: bool | None = None
+    tp_invariant_shards: int | None = None  # bit-identical logits for every TP dividing it
 
     def resolve(self) -> EngineConfig:
         model_dir = Path(self.model).expanduser()
@@ -74,6 +75,7 @@ class EngineArgs:
             num_threads=self.num_threads or (max(1, (os.cpu_count() or 1) - 1)),
             enforce_eager=self.enforce_eager,
             tensor_parallel_size=self.tensor_parallel_size,
+            tp_invariant_shards=self.tp_invariant_shards,
             async_scheduling=(
                 device.startswith("cuda")
                 if self.async_scheduling is None
@@ -109,6 +111,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--tensor-parallel-size", type=int, default=1,
         help="ranks of this worker, one process each (cuda: one GPU each, cuda:0..N-1)",
     )  # fmt: skip
+    p.add_argument(
+        "--tp-invariant-shards", type=int, default=None, metavar="S",
+        help="deterministic tensor parallelism: every TP size dividing S computes bit-identical "
+        "logits (each rank runs S / TP virtual shards; slower); default off",
+    )  # fmt: skip
 
 
 def engine_args_from(ns: argparse.Namespace, model_dir: str) -> EngineArgs:
@@ -129,4 +136,5 @@ def engine_args_from(ns: argparse.Namespace, model_dir: str) -> EngineArgs:
         enforce_eager=ns.enforce_eager,
         async_scheduling=False if ns.no_async_scheduling else None,
         tensor_parallel_size=ns.tensor_parallel_size,
+        tp_invariant_shards=ns.tp_invariant_shards,
     )

@@ -18,6 +18,27 @@ SUPPORTED_ARCHITECTURES = frozenset(
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def check_invariant_shards(
+    shards: int, world: int, num_heads: int, num_kv_heads: int, intermediate: int
+) -> None:
+    """TP-invariant mode (engine/tp_invariant.py): S virtual shards need TP | S and the heads,
+    kv heads and intermediate columns divisible by S (the lm_head is replicated: any vocab)."""
+    if shards < 1:
+        raise ValueError(f"tp_invariant_shards must be >= 1, got {shards}")
+    if shards % world:
+        raise ValueError(
+            f"tp_invariant_shards={shards} is not a multiple of tensor_parallel_size={world}: "
+            "each rank computes tp_invariant_shards / tensor_parallel_size virtual shards"
+        )
+    for name, n in (
+        ("num_heads", num_heads),
+        ("num_kv_heads", num_kv_heads),
+        ("intermediate_size", intermediate),
+    ):
+        if n % shards:
+            raise ValueError(f"{name}={n} is not divisible by tp_invariant_shards={shards}")
+
+
 @dataclass(frozen=True, slots=True)
 class RopeScaling:
     """Llama-3.x frequency-dependent RoPE scaling ("rope_type": "llama3")."""
@@ -126,6 +147,10 @@ class EngineConfig:
     # Overlapped steps: schedule and prepare step N+1 while the device runs step N, read step
     # N's tokens one step late (engine/engine.py). Token for token the same output.
     async_scheduling: bool = False
+    # TP-invariant numerics (engine/tp_invariant.py): None, the default sharding (fastest; bf16
+    # logits differ between TP sizes in the last bits); S: every rank computes its S / TP
+    # virtual shards as a TP=S rank would, so any TP dividing S gives bit-identical logits
+    tp_invariant_shards: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -149,6 +174,15 @@ class EngineConfig:
             )
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tp_invariant_shards is not None:
+            m = self.model
+            check_invariant_shards(
+                self.tp_invariant_shards,
+                self.tensor_parallel_size,
+                m.num_heads,
+                m.num_kv_heads,
+                m.intermediate_size,
+            )
         if self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:

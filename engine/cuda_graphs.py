@@ -12,15 +12,21 @@ step leaks in. The KV pool and the weights are captured by address: never reallo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from engine.gpu_attention import GpuAttentionMetadata, decode_num_splits
+from engine.gpu_attention import GpuAttentionMetadata
 from engine.kv_cache import KVCache
 from engine.models.llama import CausalLM
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+
+
+def buckets_up_to(max_batch: int) -> tuple[int, ...]:
+    """The default buckets: BUCKETS below max_batch, then max_batch itself."""
+    return (*(b for b in BUCKETS if b < max_batch), max_batch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,13 +46,15 @@ class DecodeGraphs:
         self,
         model: CausalLM,
         kv_cache: KVCache,
-        max_batch: int,
+        buckets: tuple[int, ...],
         max_blocks: int,
-        num_sms: int,
+        num_splits: Callable[[int], int],
     ) -> None:
+        """buckets: ascending batch sizes to capture (buckets_up_to); num_splits(bucket): the
+        decode attention's context splits for that bucket (GpuModelRunner.decode_splits)."""
         device = kv_cache.pool.device
         self.max_blocks = max_blocks
-        self.buckets = (*(b for b in BUCKETS if b < max_batch), max_batch)
+        self.buckets = buckets
         top = self.buckets[-1]
         self.input_ids = torch.zeros(top, dtype=torch.long, device=device)
         self.positions = torch.zeros(top, dtype=torch.long, device=device)
@@ -62,7 +70,7 @@ class DecodeGraphs:
                 num_decodes=b,
                 decode_block_tables=self.block_tables[:b],
                 decode_context_lens=self.context_lens[:b],
-                decode_num_splits=decode_num_splits(b, kv_cache.layout.num_kv_heads, num_sms),
+                decode_num_splits=num_splits(b),
                 prefill_tile_seq=empty,
                 prefill_tile_q0=empty,
                 prefill_q_start=empty,

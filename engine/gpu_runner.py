@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs, DecodeInputs
+from engine.cuda_graphs import DecodeGraphs, DecodeInputs, buckets_up_to
 from engine.gpu_attention import PREFILL_BLOCK_M, GpuAttentionMetadata, decode_num_splits
 from engine.model_runner import LaunchedStep, ModelRunner
 from engine.plan import ScheduledRow, StepPlan
@@ -35,11 +35,32 @@ class GpuModelRunner(ModelRunner):
             raise ValueError(f"GpuModelRunner needs a CUDA device, got {self.device}")
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.max_blocks = -(-config.max_model_len // config.block_size)
+        shards = config.tp_invariant_shards
+        # TP-invariant mode: one decode split count for every step, from the kv heads of a
+        # TP=S rank and the largest batch (the same on every TP size, and for every batch), and
+        # one CUDA graph bucket, max_num_seqs rows: every decode-only step runs the same GEMM
+        # shapes whatever its batch, so a row's numbers do not depend on its neighbours either
+        self._fixed_splits = (
+            None
+            if shards is None
+            else decode_num_splits(
+                config.max_num_seqs, config.model.num_kv_heads // shards, self.num_sms
+            )
+        )
         self.graphs: DecodeGraphs | None = None
         if not config.enforce_eager:
-            self.graphs = DecodeGraphs(
-                self.model, self.kv_cache, config.max_num_seqs, self.max_blocks, self.num_sms
+            buckets = (
+                buckets_up_to(config.max_num_seqs) if shards is None else (config.max_num_seqs,)
             )
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_cache, buckets, self.max_blocks, self.decode_splits
+            )
+
+    def decode_splits(self, batch: int) -> int:
+        """Context splits of the decode attention for a step of `batch` decode rows."""
+        if self._fixed_splits is not None:
+            return self._fixed_splits
+        return decode_num_splits(batch, self.kv_cache.layout.num_kv_heads, self.num_sms)
 
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> LaunchedStep:
@@ -170,9 +191,7 @@ class GpuModelRunner(ModelRunner):
             num_decodes=nd,
             decode_block_tables=to_dev(_pad(dec_tables)),
             decode_context_lens=i32(dec_lens),
-            decode_num_splits=decode_num_splits(
-                max(nd, 1), self.kv_cache.layout.num_kv_heads, self.num_sms
-            ),
+            decode_num_splits=self.decode_splits(max(nd, 1)),
             prefill_tile_seq=i32(tile_seq),
             prefill_tile_q0=i32(tile_q0),
             prefill_q_start=i32(q_start),

@@ -27,6 +27,7 @@ from engine.models.llama import CausalLM
 from engine.parallel import TensorParallel, kv_layout_for_rank, shard_model
 from engine.plan import ScheduledRow, StepPlan, StepResult
 from engine.sampler import Sampler
+from engine.tp_invariant import shard_model_invariant
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +77,13 @@ class ModelRunner:
         # Tensor parallelism: cut the loaded model to this rank's shard before anything copies
         # its weights (packing); the pool holds this rank's kv heads only (engine/parallel.py).
         self.tp = TensorParallel.from_initialized(config.tensor_parallel_size)
-        if self.tp.world_size > 1:
-            if self.device.type == "cpu" and config.async_scheduling:
-                raise ValueError("CPU tensor parallelism runs without overlapped steps")
+        if self.tp.world_size > 1 and self.device.type == "cpu" and config.async_scheduling:
+            raise ValueError("CPU tensor parallelism runs without overlapped steps")
+        if config.tp_invariant_shards is not None:  # TP=1 included: it computes S shards too
+            shard_model_invariant(
+                self.model, self.tp.rank, self.tp.world_size, config.tp_invariant_shards
+            )
+        elif self.tp.world_size > 1:
             shard_model(self.model, self.tp)
         if cpu_linear.supported(self.device, dtype):
             cpu_linear.pack_linears(self.model)

@@ -111,6 +111,7 @@ def shard_model(model: CausalLM, tp: TensorParallel) -> None:
         assert isinstance(layer, DecoderLayer)
         attn, mlp = layer.self_attn, layer.mlp
         assert isinstance(attn, Attention) and isinstance(mlp, MLP)
+        assert isinstance(attn.qkv_proj, nn.Linear) and isinstance(mlp.gate_up_proj, nn.Linear)
         sizes = [attn.q_size, attn.kv_size, attn.kv_size]
         bias = attn.qkv_proj.bias
         attn.qkv_proj = _linear(
