@@ -4,9 +4,11 @@ Llama-3.1-8B shape, dummy weights (the same on every rank: seeded per parameter,
 after init). For TP=1 and TP=2, in bf16 and fp32: greedy ids of 4 prompts x 32 new tokens
 (batched); in bf16 also the batch-1 decode step at 1K context (median of 128 steps).
 One process per rank (spawned here), NCCL for the model, gloo for the step plans.
-Prints a table and one JSON line ("gpu_tp ...").
+--tp-invariant-shards S runs both sizes in the TP-invariant mode (engine/tp_invariant.py), where
+TP=2 must give TP=1's greedy ids exactly in bf16 too. Prints a table and one JSON line
+("gpu_tp ...").
 
-    python -m bench.gpu_tp [--enforce-eager]
+    python -m bench.gpu_tp [--enforce-eager] [--dtypes bfloat16] [--tp-invariant-shards 2]
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ MODEL = "engine/model_configs/llama-3.1-8b"
 NEW_TOKENS = 32
 
 
-def _args(tp: int, rank: int, dtype: str, eager: bool) -> EngineArgs:
+def _args(tp: int, rank: int, dtype: str, eager: bool, shards: int | None) -> EngineArgs:
     return EngineArgs(
         model=MODEL,
         device=f"cuda:{rank}",
@@ -45,6 +47,7 @@ def _args(tp: int, rank: int, dtype: str, eager: bool) -> EngineArgs:
         max_num_batched_tokens=2048,
         enforce_eager=eager,
         tensor_parallel_size=tp,
+        tp_invariant_shards=shards,
     )
 
 
@@ -73,7 +76,9 @@ def _leader(args: EngineArgs, with_latency: bool) -> dict[str, Any]:
     return out
 
 
-def _rank_main(rank: int, tp: int, dtype: str, eager: bool, latency: bool, out: str) -> None:
+def _rank_main(
+    rank: int, tp: int, dtype: str, eager: bool, shards: int | None, latency: bool, out: str
+) -> None:
     torch.cuda.set_device(rank)
     if tp > 1:
         dist.init_process_group(
@@ -85,20 +90,23 @@ def _rank_main(rank: int, tp: int, dtype: str, eager: bool, latency: bool, out: 
         )
     try:
         if rank == 0:
-            result = _leader(_args(tp, rank, dtype, eager), latency)
+            result = _leader(_args(tp, rank, dtype, eager, shards), latency)
             Path(out).write_text(json.dumps(result))
         else:
-            GpuModelRunner(_args(tp, rank, dtype, eager).resolve()).serve_followers()
+            GpuModelRunner(_args(tp, rank, dtype, eager, shards).resolve()).serve_followers()
     finally:
         if tp > 1:
             dist.destroy_process_group()
 
 
-def run(tp: int, dtype: str, eager: bool, latency: bool) -> dict[str, Any]:
+def run(tp: int, dtype: str, eager: bool, shards: int | None, latency: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.json")
         mp.start_processes(
-            _rank_main, args=(tp, dtype, eager, latency, out), nprocs=tp, start_method="spawn"
+            _rank_main,
+            args=(tp, dtype, eager, shards, latency, out),
+            nprocs=tp,
+            start_method="spawn",
         )
         result: dict[str, Any] = json.loads(Path(out).read_text())
         return result
@@ -108,22 +116,29 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument(
+        "--tp-invariant-shards", type=int, default=None,
+        help="run TP=1 and TP=2 in the TP-invariant mode with this many virtual shards",
+    )  # fmt: skip
     ns = p.parse_args()
+    shards = ns.tp_invariant_shards
     res: dict[str, Any] = {
         "device": torch.cuda.get_device_name(),
         "gpus": torch.cuda.device_count(),
+        "tp_invariant_shards": shards,
     }
     for dtype in ns.dtypes.split(","):
         latency = dtype == "bfloat16"
-        one = run(1, dtype, ns.enforce_eager, latency)
-        two = run(2, dtype, ns.enforce_eager, latency)
+        one = run(1, dtype, ns.enforce_eager, shards, latency)
+        two = run(2, dtype, ns.enforce_eager, shards, latency)
         same = [a == b for a, b in zip(one["tokens"], two["tokens"], strict=True)]
         first = [
             next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
             for a, b in zip(one["tokens"], two["tokens"], strict=True)
         ]
         res[dtype] = {"tp1": one, "tp2": two, "identical": sum(same), "first_diff": first}
-        line = f"{dtype}: greedy identical {sum(same)}/{len(same)} (first diffs {first})"
+        mode = "default" if shards is None else f"invariant S={shards}"
+        line = f"{dtype} ({mode}): greedy identical {sum(same)}/{len(same)} (first diffs {first})"
         if latency:
             line += (
                 f"; batch-1 step @1K: TP1 {one['batch1_step_s'] * 1e3:.2f} ms, "

@@ -8,12 +8,18 @@ CUDA_VISIBLE_DEVICES (ranks of a TP worker are its children), driven over gRPC (
           requests spread round-robin over the prefill workers (head-sliced sends)
   equal   (--equal) prefill TP=T (the prefill GPUs) -> the same decode TP=T (rank to rank)
 
-Each phase: a batch of prompts (greedy, max_tokens new tokens, all concurrent) whose token ids
-are compared with the reference, then `--bw-requests` sequential prompts of `--bw-tokens` tokens
-whose KV transfer time (the prefill worker's send() to SendDone, reported per request) gives the
-bandwidth: the prompt's KV bytes (all heads) / that time. The prefill workers' metrics
-(tandem_worker_kv_transfer_bytes_total / _seconds_sum) give the same over the whole phase.
+Each phase: the prompts one at a time (greedy, max_tokens new tokens: every prefill and decode
+step holds that request alone, so the arithmetic is the same in every phase whatever the timing),
+then the same prompts as one concurrent batch (whose steps' composition follows arrival times),
+each pass's token ids compared with the reference's, then `--bw-requests` sequential prompts
+of `--bw-tokens` tokens whose KV transfer time (the prefill worker's send() to SendDone,
+reported per request) gives the bandwidth: the prompt's KV bytes (all heads) / that time. The
+prefill workers' metrics (tandem_worker_kv_transfer_bytes_total / _seconds_sum) give the same
+over the whole phase.
 Prints a table and one JSON line ("tp_handoff {...}"). Processes are stopped by PID.
+--tp-invariant-shards S and --no-prefix-caching reach every worker: bf16 text identical across TP
+sizes needs the first (engine/tp_invariant.py); the second keeps a repeated prompt from being
+prefilled as a short chunk over a cached prefix (other GEMM shapes: another rounding).
 
     python -m bench.tp_handoff --model DIR --prefill-gpus 0,1 --decode-gpus 2,3 \\
         --load-format dummy --dtype bfloat16 --out DIR [--equal]
@@ -183,10 +189,11 @@ def block_bytes(model_dir: Path, dtype: str, block_size: int) -> int:
 
 def run_phase(
     name: str, decode: Worker, prefills: list[Worker], ns: argparse.Namespace,
-    prompts: list[list[int]], bw_prompts: list[list[int]], reference: list[list[int]] | None,
+    prompts: list[list[int]], bw_prompts: list[list[int]], reference: dict[str, Any] | None,
 ) -> dict[str, Any]:  # fmt: skip
     before = [scrape(p, KV_SERIES) for p in prefills]
     fallbacks0 = scrape(decode, FALLBACKS)[FALLBACKS[0]]
+    alone = asyncio.run(generate(decode, prefills, prompts, ns.max_tokens, False, f"{name}-seq"))
     t0 = time.monotonic()
     results = asyncio.run(generate(decode, prefills, prompts, ns.max_tokens, True, name))
     batch_s = time.monotonic() - t0
@@ -197,12 +204,14 @@ def run_phase(
     kv_bytes = -(-ns.bw_tokens // ns.block_size) * bb
     rates = [kv_bytes / r.kv_transfer_s / 1e9 for r in bw if r.kv_transfer_s > 0]
     tokens = [r.tokens for r in results]
+    tokens_alone = [r.tokens for r in alone]
     out: dict[str, Any] = {
         "phase": name,
         "decode": decode.name,
         "prefill": [p.name for p in prefills],
         "batch_s": round(batch_s, 3),
         "tokens": tokens,
+        "tokens_alone": tokens_alone,
         "fallbacks": scrape(decode, FALLBACKS)[FALLBACKS[0]] - fallbacks0,
         "metrics_kv_bytes": d[KV_SERIES[0]],
         "metrics_kv_seconds": d[KV_SERIES[1]],
@@ -213,12 +222,13 @@ def run_phase(
         "bw_gbps_median": statistics.median(rates) if rates else None,
     }
     if reference is not None:
-        same = [a == b for a, b in zip(tokens, reference, strict=True)]
-        out["identical"] = f"{sum(same)}/{len(same)}"
-        out["first_difference"] = [
-            next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
-            for a, b in zip(tokens, reference, strict=True)
-        ]
+        for key, suffix in (("tokens", ""), ("tokens_alone", "_alone")):
+            same = [a == b for a, b in zip(out[key], reference[key], strict=True)]
+            out[f"identical{suffix}"] = f"{sum(same)}/{len(same)}"
+            out[f"first_difference{suffix}"] = [
+                next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+                for a, b in zip(out[key], reference[key], strict=True)
+            ]
     return out
 
 
@@ -240,6 +250,8 @@ def main() -> None:
     p.add_argument("--bw-tokens", type=int, default=3000)
     p.add_argument("--bw-requests", type=int, default=6)
     p.add_argument("--equal", action="store_true", help="also TP=T prefill -> TP=T decode")
+    p.add_argument("--tp-invariant-shards", type=int, default=None, help="every worker's")
+    p.add_argument("--no-prefix-caching", action="store_true", help="every worker's")
     p.add_argument("--start-timeout-s", type=float, default=300.0)
     p.add_argument("--out", default="tp_handoff_out")
     ns = p.parse_args()
@@ -256,6 +268,10 @@ def main() -> None:
     ]  # fmt: skip
     if ns.num_threads is not None:
         common += ["--num-threads", str(ns.num_threads)]
+    if ns.tp_invariant_shards is not None:
+        common += ["--tp-invariant-shards", str(ns.tp_invariant_shards)]
+    if ns.no_prefix_caching:
+        common.append("--no-prefix-caching")
     rng = random.Random(7)
     prompts = [
         [rng.randrange(100, 40000) for _ in range(int(n))] for n in ns.prompt_lens.split(",")
@@ -288,35 +304,39 @@ def main() -> None:
         decode = launch(f"decode-tp{tp}", "decode", dgpus, tp)
         wait_ready([decode], ns.start_timeout_s)
         print(f"TP={tp} decode ready in {time.monotonic() - t0:.1f} s", flush=True)
-        phases.append(run_phase("hetero", decode, p1s, ns, prompts, bw_prompts(), ref["tokens"]))
+        phases.append(run_phase("hetero", decode, p1s, ns, prompts, bw_prompts(), ref))
         if ns.equal:
             stop(p1s)
             t0 = time.monotonic()
             ptp = launch(f"prefill-tp{tp}", "prefill", pgpus[:tp], tp)
             wait_ready([ptp], ns.start_timeout_s)
             print(f"TP={tp} prefill ready in {time.monotonic() - t0:.1f} s", flush=True)
-            phases.append(
-                run_phase("equal", decode, [ptp], ns, prompts, bw_prompts(), ref["tokens"])
-            )
+            phases.append(run_phase("equal", decode, [ptp], ns, prompts, bw_prompts(), ref))
     finally:
         stop(started)
 
-    print(f"\n{ns.model} {ns.dtype}, prompts {ns.prompt_lens} x {ns.max_tokens} greedy tokens")
-    print("| phase | prefill -> decode | greedy vs ref | fallbacks | KV GB/s (per request, "
-          f"{ns.bw_tokens} tok, median) | KV GB/s (metrics) |")  # fmt: skip
+    print(f"\n{ns.model} {ns.dtype}, prompts {ns.prompt_lens} x {ns.max_tokens} greedy tokens, "
+          f"tp_invariant_shards {ns.tp_invariant_shards}")  # fmt: skip
+    print("| phase | prefill -> decode | greedy vs ref: alone, batch | fallbacks | KV GB/s (per "
+          f"request, {ns.bw_tokens} tok, median) | KV GB/s (metrics) |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for ph in phases:
         gbps = ph["bw_gbps_median"]
         mgbps = ph["metrics_gbps"]
         print(
             f"| {ph['phase']} | {'+'.join(ph['prefill'])} -> {ph['decode']} | "
-            f"{ph.get('identical', 'ref')} | {ph['fallbacks']:.0f} | "
+            f"{ph.get('identical_alone', 'ref')}, {ph.get('identical', 'ref')} | "
+            f"{ph['fallbacks']:.0f} | "
             f"{gbps and f'{gbps:.2f}'} ({ph['bw_transfer_ms']} ms) | {mgbps and f'{mgbps:.2f}'} |"
         )
-    summary = {"model": ns.model, "dtype": ns.dtype, "decode_tp": tp, "phases": phases}
+    summary = {
+        "model": ns.model, "dtype": ns.dtype, "decode_tp": tp,
+        "tp_invariant_shards": ns.tp_invariant_shards, "prefix_caching": not ns.no_prefix_caching,
+        "phases": phases,
+    }  # fmt: skip
     (out / f"tp_handoff_{Path(ns.model).name}_{ns.dtype}.json").write_text(json.dumps(summary))
-    print("tp_handoff " + json.dumps({**summary, "phases": [
-        {k: v for k, v in ph.items() if k != "tokens"} for ph in phases]}))  # fmt: skip
+    brief = [{k: v for k, v in ph.items() if not k.startswith("tokens")} for ph in phases]
+    print("tp_handoff " + json.dumps({**summary, "phases": brief}))
 
 
 if __name__ == "__main__":
