@@ -12,7 +12,8 @@ from engine.config import RopeScaling
 
 # Steps of at most this many tokens run the decoder through engine/triton_gemv.py (the
 # GEMVs with the norms, SiLU and residual adds fused in); larger ones through cuBLAS' GEMMs.
-SMALL_BATCH_ROWS = 8
+# 1: at 2-8 rows cuBLAS reads the weights faster than those kernels (bench/gpu_gemv.py).
+SMALL_BATCH_ROWS = 1
 
 
 def fused() -> ModuleType:

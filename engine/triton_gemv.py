@@ -1,23 +1,28 @@
-"""Small-batch linear layers for CUDA (Triton): y = x @ W^T for M <= SMALL_M rows, with the
-neighbouring elementwise op done in the same pass.
+"""Batch-1 linear layers for CUDA (Triton): y = x @ W^T for a few rows (M <= MAX_ROWS), with
+the neighbouring elementwise op done in the same pass.
 
 Why: a batch-1 decode step of an 8B model is a chain of ~12 kernels per layer, and each
 launch boundary costs a few microseconds of an idle memory bus (the next kernel's ramp-up,
 the last one's tail) on top of the bytes. Here each weight matrix is read once by a kernel
 that also does what stood beside it:
   norm=(w, eps)   RMSNorm of x in the prologue (replaces the norm / add+norm kernel)
-  silu=True       x = [gate | up], silu(gate) * up in the prologue (replaces silu_and_mul)
+  silu_mul=True   W = [gate; up] (2I rows): each program reads gate row j and up row j and
+                  writes silu(gate_j) * up_j, [M, I] (replaces silu_and_mul)
   residual=r      y + r in the epilogue (the residual add the next norm used to do)
 so a decoder layer is 7 kernels instead of 12 (models/llama.py, DecoderLayer.forward_small).
 
 Rounding follows the kernels they replace (engine/triton_fused.py, i.e. torch's bf16 order):
-the normed x is rounded to the dtype before the weight multiply and again after it, silu(gate)
-is rounded before the multiply by up, y is rounded before the residual add. What differs is
-only the fp32 summation order of the dot products and of the norm's sum of squares.
+the normed x is rounded to the dtype before the weight multiply and again after it; gate and
+up are rounded (the GEMM's output), silu(gate) is rounded before the multiply by up; y is
+rounded before the residual add. What differs is only the fp32 summation order of the dot
+products and of the norm's sum of squares.
 
-Shape of the work: one program per BLOCK_N output columns, no split-K (no atomics, no
+Shape of the work: one program per BLOCK_N output rows of W, no split-K (no atomics, no
 zero-init, deterministic): every program streams BLOCK_N full rows of W, 16-byte loads along
-K. The tile per shape comes from bench/gpu_gemv.py on an H200 (docs/benchmarks.md).
+K. Measured on an H200 (bench/gpu_gemv.py, docs/benchmarks.md): at M = 1 this reads the
+8B model's projections at 0.84-1.04 of copy bandwidth where cuBLAS reads them at 0.63-0.99;
+at M = 2-8 cuBLAS is faster (each row is one more reduction per tile here), so the model
+takes this path at batch 1 only (layers.SMALL_BATCH_ROWS).
 """
 
 from __future__ import annotations
@@ -26,7 +31,26 @@ import torch
 import triton
 import triton.language as tl
 
-from engine.layers import SMALL_BATCH_ROWS as SMALL_M
+MAX_ROWS = 8  # the rows are unrolled in the kernel (one reduction per row and tile)
+
+
+@triton.jit
+def _accumulate(
+    acc, w, X, NormW, rstd, kk, k_mask, M, stride_xm, M_PAD: tl.constexpr, NORM: tl.constexpr
+):
+    """acc[m, :] += w @ f(x[m, kk]) for every row m; w [BLOCK_N, BLOCK_K] in fp32."""
+    rm = tl.arange(0, M_PAD)
+    dt = X.dtype.element_ty
+    if NORM:
+        nw = tl.load(NormW + kk, mask=k_mask, other=0.0).to(tl.float32)
+    for m in tl.static_range(M_PAD):
+        x = tl.load(X + m * stride_xm + kk, mask=k_mask & (m < M), other=0.0).to(tl.float32)
+        if NORM:
+            r = tl.sum(tl.where(rm == m, rstd, 0.0), 0)
+            x = (nw * (x * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        part = tl.sum(w * x[None, :], 1)  # [BLOCK_N]
+        acc += tl.where(rm[:, None] == m, part[None, :], 0.0)
+    return acc
 
 
 @triton.jit
@@ -48,7 +72,7 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     NORM: tl.constexpr,
-    SILU: tl.constexpr,
+    SILU_MUL: tl.constexpr,
     RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
@@ -59,6 +83,17 @@ def _gemv_kernel(
     rm = tl.arange(0, M_PAD)
     dt = Out.dtype.element_ty
     w_rows = W + rn[:, None] * K
+    up_rows = W + (rn[:, None] + N) * K  # SILU_MUL: W is [gate (N rows); up (N rows)]
+
+    # The first weight tile is requested before the norm's pass over x, so the memory bus is
+    # busy while the program computes 1 / rms (the rest stream in the loop below).
+    k_mask = rk < K
+    wmask = n_mask[:, None] & k_mask[None, :]
+    w_first = tl.load(w_rows + rk[None, :], mask=wmask, other=0.0)
+    if SILU_MUL:  # noqa: SIM108 (a constexpr branch: no load at all without SILU_MUL)
+        up_first = tl.load(up_rows + rk[None, :], mask=wmask, other=0.0)
+    else:
+        up_first = w_first  # unused
 
     rstd = tl.zeros([M_PAD], dtype=tl.float32)
     if NORM:  # each row's 1 / rms over all of K (x is a few KiB, from L2)
@@ -69,35 +104,34 @@ def _gemv_kernel(
                 xv = tl.load(X + m * stride_xm + kk, mask=(kk < K) & (m < M), other=0.0)
                 xf = xv.to(tl.float32)
                 ss += xf * xf
-            r = tl.rsqrt(tl.sum(ss, 0) / K + eps)
-            rstd = tl.where(rm == m, r, rstd)
+            rstd = tl.where(rm == m, tl.rsqrt(tl.sum(ss, 0) / K + eps), rstd)
 
     acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    acc = _accumulate(
+        acc, w_first.to(tl.float32), X, NormW, rstd, rk, k_mask, M, stride_xm, M_PAD, NORM
+    )
+    acc_up = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+    if SILU_MUL:
+        acc_up = _accumulate(
+            acc_up, up_first.to(tl.float32), X, NormW, rstd, rk, k_mask, M, stride_xm, M_PAD, NORM
+        )
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         kk = k0 + rk
         k_mask = kk < K
-        w = tl.load(w_rows + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        w = w.to(tl.float32)
-        if NORM:
-            nw = tl.load(NormW + kk, mask=k_mask, other=0.0).to(tl.float32)
-        for m in tl.static_range(M_PAD):
-            xmask = k_mask & (m < M)
-            if SILU:  # X row = [gate (K) | up (K)]
-                g = tl.load(X + m * stride_xm + kk, mask=xmask, other=0.0).to(tl.float32)
-                u = tl.load(X + m * stride_xm + K + kk, mask=xmask, other=0.0).to(tl.float32)
-                act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-                x = (act * u).to(dt).to(tl.float32)
-            else:
-                x = tl.load(X + m * stride_xm + kk, mask=xmask, other=0.0).to(tl.float32)
-                if NORM:
-                    r = tl.sum(tl.where(rm == m, rstd, 0.0), 0)
-                    x = (nw * (x * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-            part = tl.sum(w * x[None, :], 1)  # [BLOCK_N]
-            acc += tl.where(rm[:, None] == m, part[None, :], 0.0)
+        wmask = n_mask[:, None] & k_mask[None, :]
+        w = tl.load(w_rows + kk[None, :], mask=wmask, other=0.0).to(tl.float32)
+        acc = _accumulate(acc, w, X, NormW, rstd, kk, k_mask, M, stride_xm, M_PAD, NORM)
+        if SILU_MUL:
+            u = tl.load(up_rows + kk[None, :], mask=wmask, other=0.0).to(tl.float32)
+            acc_up = _accumulate(acc_up, u, X, NormW, rstd, kk, k_mask, M, stride_xm, M_PAD, NORM)
 
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y = acc.to(dt)
+    if SILU_MUL:  # torch: gate and up rounded (GEMM output), silu(gate) rounded, product rounded
+        g = y.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        y = (act * acc_up.to(dt).to(tl.float32)).to(dt)
     mask = (rm[:, None] < M) & n_mask[None, :]
     if RESIDUAL:  # torch: the GEMM's output is rounded, then added
         res = tl.load(Res + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0)
@@ -105,9 +139,15 @@ def _gemv_kernel(
     tl.store(Out + rm[:, None] * stride_om + rn[None, :], y, mask=mask)
 
 
-# (BLOCK_N, BLOCK_K, num_warps) by (N, K) of the Llama-3.1-8B projections at M = 1;
-# others take the default. bench/gpu_gemv.py, H200, 2026-11-22.
-_TILES: dict[tuple[int, int], tuple[int, int, int]] = {}
+# (BLOCK_N, BLOCK_K, num_warps) by (N, K) of the Llama-3.1-8B projections at M = 1 (for the
+# gate_up with silu_mul, N = intermediate: BLOCK_N gate rows + BLOCK_N up rows a program);
+# other shapes take the default. bench/gpu_gemv.py on an H200, 2026-11-22.
+_TILES: dict[tuple[int, int], tuple[int, int, int]] = {
+    (6144, 4096): (4, 1024, 4),  # qkv
+    (4096, 4096): (4, 2048, 8),  # o_proj
+    (14336, 4096): (4, 2048, 8),  # gate_up, silu_mul
+    (4096, 14336): (4, 2048, 8),  # down
+}
 _DEFAULT_TILE = (4, 1024, 4)
 
 
@@ -121,22 +161,23 @@ def linear(
     bias: torch.Tensor | None = None,
     *,
     norm: tuple[torch.Tensor, float] | None = None,
-    silu: bool = False,
+    silu_mul: bool = False,
     residual: torch.Tensor | None = None,
     tile: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """x [M, K] (or [M, 2K] with silu) -> [M, N] = f(x) @ weight^T (+ bias) (+ residual).
+    """x [M, K] -> [M, N] = f(x) @ weight^T (+ bias) (+ residual), weight [N, K] contiguous.
 
-    weight [N, K] contiguous, M <= SMALL_M; x, residual with unit stride along features.
-    norm = (RMSNorm weight [K], eps): f(x) = rms_norm(x); silu: f([g | u]) = silu(g) * u."""
-    m = x.shape[0]
-    n, k = weight.shape
-    if m > SMALL_M:
-        raise ValueError(f"triton_gemv.linear takes at most {SMALL_M} rows, got {m}")
-    if norm is not None and silu:
-        raise ValueError("norm and silu prologues are exclusive")
-    if x.shape[1] != (2 * k if silu else k) or x.stride(1) != 1 or not weight.is_contiguous():
+    norm = (RMSNorm weight [K], eps): f(x) = rms_norm(x), else x.
+    silu_mul: weight is [gate; up], [2I, K]; returns silu(f(x) @ gate^T) * (f(x) @ up^T),
+    [M, I] (no bias). M <= MAX_ROWS; x, residual with unit stride along features."""
+    m, k = x.shape
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"triton_gemv.linear takes at most {MAX_ROWS} rows, got {m}")
+    if weight.shape[1] != k or x.stride(1) != 1 or not weight.is_contiguous():
         raise ValueError(f"x {tuple(x.shape)} / weight {tuple(weight.shape)} do not match")
+    if silu_mul and (bias is not None or weight.shape[0] % 2):
+        raise ValueError("silu_mul needs an even number of weight rows and no bias")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
@@ -161,7 +202,7 @@ def linear(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         NORM=norm is not None,
-        SILU=silu,
+        SILU_MUL=silu_mul,
         RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None,
         num_warps=warps,

@@ -132,7 +132,7 @@ class DecoderLayer(nn.Module):
         """h: the residual stream [N <= SMALL_BATCH_ROWS, hidden] -> the stream after this
         layer. The ops and bf16 rounding points of forward(), in 7 kernels instead of 12: the
         norms ride in the prologue of the GEMV that reads their output, SiLU-and-mul in the
-        down projection's, the residual adds in the epilogues of o_proj and down
+        gate_up projection's epilogue, the residual adds in the epilogues of o_proj and down
         (triton_gemv); RoPE and the K/V store are one kernel. At batch 1 each kernel boundary
         is a few microseconds of idle memory bus, against ~100 us of weights per layer."""
         g = gemv()
@@ -141,8 +141,8 @@ class DecoderLayer(nn.Module):
         qkv = g.linear(h, attn.qkv_proj.weight, attn.qkv_proj.bias, norm=(ln1.weight, ln1.eps))
         o = attn.attend_small(qkv, positions, meta, kv)
         h = g.linear(o, attn.o_proj.weight, residual=h)
-        gate_up = g.linear(h, mlp.gate_up_proj.weight, norm=(ln2.weight, ln2.eps))
-        out: torch.Tensor = g.linear(gate_up, mlp.down_proj.weight, silu=True, residual=h)
+        act = g.linear(h, mlp.gate_up_proj.weight, norm=(ln2.weight, ln2.eps), silu_mul=True)
+        out: torch.Tensor = g.linear(act, mlp.down_proj.weight, residual=h)
         return out
 
 

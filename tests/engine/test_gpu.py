@@ -123,7 +123,7 @@ def test_triton_gemv_matches_unfused(dtype: torch.dtype, m: int) -> None:
     b = torch.randn(n, device="cuda", dtype=dtype)
     nw = 1 + torch.randn(k, device="cuda", dtype=dtype) / 4
     res = torch.randn(m, n, device="cuda", dtype=dtype)
-    gu = torch.randn(m, 2 * k, device="cuda", dtype=dtype)
+    w2 = torch.randn(2 * n, k, device="cuda", dtype=dtype) / 8  # [gate; up]
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     for tile in [None, (8, 128, 4), (2, 512, 8)]:
         cases = [
@@ -132,9 +132,10 @@ def test_triton_gemv_matches_unfused(dtype: torch.dtype, m: int) -> None:
                 triton_gemv.linear(x, w, norm=(nw, 1e-5), tile=tile),
                 F.linear(triton_fused.rms_norm(x, nw, 1e-5), w),
             ),
+            (triton_gemv.linear(x, w, residual=res, tile=tile), F.linear(x, w) + res),
             (
-                triton_gemv.linear(gu, w, silu=True, residual=res, tile=tile),
-                F.linear(triton_fused.silu_and_mul(gu), w) + res,
+                triton_gemv.linear(x, w2, norm=(nw, 1e-5), silu_mul=True, tile=tile),
+                triton_fused.silu_and_mul(F.linear(triton_fused.rms_norm(x, nw, 1e-5), w2)),
             ),
         ]
         for got, ref in cases:
@@ -167,7 +168,8 @@ GREEDY = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "llama3_rope_tied"])
 def test_tiny_models_match_transformers_on_gpu(tiny_model_dirs: dict[str, Path], name: str) -> None:
-    """fp32 on the GPU, CUDA graphs on and off: token-exact against transformers fp32."""
+    """fp32 on the GPU, CUDA graphs on and off, batched and alone: token-exact against
+    transformers fp32."""
     from transformers import AutoModelForCausalLM
 
     model_dir = tiny_model_dirs[name]
@@ -202,3 +204,6 @@ def test_tiny_models_match_transformers_on_gpu(tiny_model_dirs: dict[str, Path],
         llm.engine.check_integrity()
         got = [r.outputs[0].token_ids for r in results]
         assert got == reference, f"{name} eager={eager}"
+        # one request alone: its decode steps are batch 1, the GEMV path (triton_gemv)
+        alone = llm.generate([prompts[2]], GREEDY)[0].outputs[0].token_ids
+        assert alone == reference[2], f"{name} eager={eager}, batch 1"
