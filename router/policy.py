@@ -216,6 +216,10 @@ def _auto_where(
     p_rate = p.prefill_tokens_per_s
     if p_rate is None:
         return RouteCause.MANY_UNCACHED, f"{many}; {p.worker_id} prefill rate not measured yet"
+    # An idle prefill worker is never bypassed: the prompt costs the decode batch nothing there,
+    # and it is how a rate measured under other conditions gets measured again.
+    if p.inflight_prefill_tokens == 0:
+        return RouteCause.MANY_UNCACHED, f"{many}; {p.worker_id} idle"
     remote_s = prefill_time_s(p, remote_todo, p_rate)
     remote = f"{p.worker_id} est {remote_s:.3f} s at {p_rate:.0f} tok/s"
     if remote_s <= config.prefill_budget_s:

@@ -277,7 +277,7 @@ class WorkerRegistry:
         decode.num_inflight += 1
         prefiller.num_prefilling += 1
         prefiller.inflight_prefill_tokens += ticket.prefill_tokens
-        prefiller.prefill_meter.started(self._clock())
+        prefiller.prefill_meter.started(self._clock(), ticket.prefill_tokens)
         self._set_context(ticket, num_prompt_tokens)
         return ticket
 
@@ -296,7 +296,7 @@ class WorkerRegistry:
             return
         if ticket.prefill_pending:
             self._end_prefill(ticket)
-            ticket.prefiller.prefill_meter.dropped(self._clock())
+            ticket.prefiller.prefill_meter.dropped(self._clock(), ticket.prefill_tokens)
         ticket.decode.inflight_kv_blocks -= ticket.kv_blocks
         ticket.decode.num_inflight -= 1
         ticket.finished = True

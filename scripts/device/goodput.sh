@@ -15,6 +15,7 @@
 #   RATES_<wl>  comma-separated req/s per workload (RATES_3k150, RATES_8k1k, RATES_multiturn);
 #               RATES_<wl>_<label> for one deployment only (e.g. RATES_3k150_2p2d)
 #   DURATION_S  arrival span per rate (12); MIN_REQUESTS (8)
+#   (the summary's metrics are cumulative per deployment: a later workload's include the earlier's)
 #   SERVE_ARGS  engine/launcher flags for every deployment
 #   DEADLINE_S  whole-script budget (540): a deployment that cannot finish in time is skipped
 #   MODE_MIN_S  seconds a deployment needs at least (start + one sweep) (150)
@@ -136,7 +137,7 @@ print(format_table([json.load(open(p)) for p in sys.argv[1:]]))" $files
   for f in "$R"/metrics-*.txt; do
     [ -f "$f" ] || continue
     echo "$(basename "$f"):"
-    grep -E "^tandem_worker_kv_transfer_(seconds|bytes)|^tandem_router_route_decisions_total|remote_prefill_fallbacks" "$f" | sed 's/^/  /'
+    grep -E "^tandem_worker_kv_transfer_(seconds|bytes)|^tandem_router_route_decisions_total|remote_prefill_fallbacks|^tandem_router_worker_prefill_tokens_per_second|^tandem_router_(cached_)?prompt_tokens_total|^tandem_router_prefix_(query|hit)_blocks_total" "$f" | sed 's/^/  /'
   done
 } >"$OUT/summary.txt" 2>&1
 pack

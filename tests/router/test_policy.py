@@ -204,6 +204,14 @@ def test_auto_local_estimate_counts_only_the_uncached_part_on_each_side() -> Non
     assert "p0 est 0.760 s" in d.reason and "local est 0.064 s" in d.reason
 
 
+def test_auto_never_bypasses_an_idle_prefill_worker() -> None:
+    # measured slow (1,000 tok/s: 1 s for this prompt, over budget) but idle: remote, which is
+    # how its rate is measured again; the decode batch pays nothing for it
+    workers = [decode("d0", prefill_tokens_per_s=1e5), prefill("p0", prefill_tokens_per_s=1e3)]
+    d = route(req(1000), workers, Mode.AUTO, CFG)
+    assert d.remote_prefill and d.cause is RouteCause.MANY_UNCACHED and "p0 idle" in d.reason
+
+
 def test_auto_sends_remote_before_the_prefill_rate_is_measured() -> None:
     workers = [decode("d0"), prefill("p0", inflight_prefill_tokens=10**6)]
     d = route(req(1000), workers, Mode.AUTO, CFG)

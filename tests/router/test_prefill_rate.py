@@ -14,9 +14,9 @@ from router.registry import WorkerRegistry
 
 
 def test_unmeasured_until_a_prefill_completes() -> None:
-    m = PrefillMeter()
+    m = PrefillMeter(min_tokens=1)
     assert m.tokens_per_s() is None and m.progress_s(5.0) == 0.0
-    m.started(1.0)
+    m.started(1.0, 1000)
     assert m.tokens_per_s() is None and m.progress_s(1.5) == pytest.approx(0.5)
     m.completed(1.5, 1000)
     assert m.tokens_per_s() == pytest.approx(2000.0)
@@ -26,36 +26,50 @@ def test_unmeasured_until_a_prefill_completes() -> None:
 def test_rate_is_tokens_over_busy_time_so_queueing_does_not_slow_it() -> None:
     # two prompts of 1,000 dispatched at once, done at 0.5 and 1.0 s: 2,000 tokens in 1 busy
     # second (the second one's TTFT of 1 s includes 0.5 s of waiting behind the first)
-    m = PrefillMeter(memory=10**9)  # no decay: exact sums
-    m.started(0.0)
-    m.started(0.0)
+    m = PrefillMeter(min_tokens=1, memory=10**9)  # no decay: exact sums
+    m.started(0.0, 1000)
+    m.started(0.0, 1000)
     m.completed(0.5, 1000)
     assert m.progress_s(0.75) == pytest.approx(0.25)  # since the last completion
     m.completed(1.0, 1000)
     assert m.tokens_per_s() == pytest.approx(2000.0)
     # idle gaps are not busy time: 3,000 tokens in 1.5 busy seconds
-    m.started(10.0)
+    m.started(10.0, 1000)
     m.completed(10.5, 1000)
     assert m.tokens_per_s() == pytest.approx(2000.0)
 
 
 def test_recent_prefills_weigh_more() -> None:
-    m = PrefillMeter(memory=4)
+    m = PrefillMeter(min_tokens=1, memory=4)
     for i in range(40):  # 1,000 tok/s for a long while
-        m.started(float(i))
+        m.started(float(i), 1000)
         m.completed(i + 1.0, 1000)
     for i in range(40, 56):  # then 4,000 tok/s, for 4 memories
-        m.started(float(i))
+        m.started(float(i), 1000)
         m.completed(i + 0.25, 1000)
     rate = m.tokens_per_s()
     assert rate is not None and 3500.0 < rate <= 4000.0
 
 
+def test_short_prefills_are_not_measured() -> None:
+    """A 100-token prompt's time is overhead: it neither counts nor makes the worker busy."""
+    m = PrefillMeter(min_tokens=1024)
+    m.started(0.0, 100)
+    m.completed(0.05, 100)
+    assert m.tokens_per_s() is None
+    m.started(1.0, 100)
+    m.started(1.0, 2000)
+    assert m.progress_s(1.5) == pytest.approx(0.5)
+    m.completed(1.02, 100)
+    m.completed(2.0, 2000)
+    assert m.tokens_per_s() == pytest.approx(2000.0)
+
+
 def test_an_aborted_prefill_charges_its_time_to_the_next_completion() -> None:
-    m = PrefillMeter(memory=10**9)
-    m.started(0.0)
-    m.started(0.0)
-    m.dropped(0.5)
+    m = PrefillMeter(min_tokens=1, memory=10**9)
+    m.started(0.0, 1000)
+    m.started(0.0, 1000)
+    m.dropped(0.5, 1000)
     m.completed(1.0, 1000)
     assert m.tokens_per_s() == pytest.approx(1000.0)
 
@@ -81,9 +95,9 @@ def test_registry_measures_the_prefiller_of_each_ticket() -> None:
         reg.start()  # nothing listens there: the polls fail, the accounting does not care
         try:
             remote = reg.begin("r1", decision("p0", 3000), 3000)
-            local = reg.begin("r2", decision(None, 500), 500)
+            local = reg.begin("r2", decision(None, 2000), 2000)
             now[0] = 0.1
-            reg.add_tokens(local, 1)  # d0: 500 tokens in 0.1 s
+            reg.add_tokens(local, 1)  # d0: 2,000 tokens in 0.1 s
             now[0] = 0.3
             reg.add_tokens(remote, 1)  # p0: 3,000 tokens in 0.3 s
             reg.add_tokens(remote, 1)  # later tokens do not count again
@@ -99,5 +113,5 @@ def test_registry_measures_the_prefiller_of_each_ticket() -> None:
             await reg.stop()
 
     snap = asyncio.run(scenario())
-    assert snap["d0"][0] == pytest.approx(5000.0) and snap["d0"][1] == 0.0
+    assert snap["d0"][0] == pytest.approx(20_000.0) and snap["d0"][1] == 0.0
     assert snap["p0"][0] == pytest.approx(10_000.0) and snap["p0"][1] == pytest.approx(0.1)
