@@ -180,14 +180,20 @@ class CausalLM(nn.Module):
 
     def _small_batch(self, x: torch.Tensor) -> bool:
         """The GEMV path (DecoderLayer.forward_small): a CUDA step of few tokens, with plain
-        linears (tensor parallelism's row-parallel o_proj/down all-reduce: the GEMM path)."""
+        linears (tensor parallelism's row-parallel all-reduce and tp_invariant's per-shard
+        GEMMs take the GEMM path)."""
         return (
             x.is_cuda
             and x.shape[0] <= SMALL_BATCH_ROWS
             and all(
-                isinstance(block.self_attn.o_proj, nn.Linear)
-                and isinstance(block.mlp.down_proj, nn.Linear)
+                isinstance(linear, nn.Linear)
                 for block in self._decoder_layers()
+                for linear in (
+                    block.self_attn.qkv_proj,
+                    block.self_attn.o_proj,
+                    block.mlp.gate_up_proj,
+                    block.mlp.down_proj,
+                )
             )
         )
 
