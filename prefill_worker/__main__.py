@@ -115,7 +115,9 @@ async def amain(ns: argparse.Namespace, argv: list[str]) -> None:
             followers.stop()
         metrics_server.close()
 
-    await serve_until_signalled(server, ns.host, ns.port, ns.worker_id, on_stop=stop, tls=tls)
+    await serve_until_signalled(
+        server, ns.host, ns.port, ns.worker_id, gc_pauses=metrics.gc, on_stop=stop, tls=tls
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,8 +29,11 @@ from router.config import (
     parse_workers,
 )
 from router.server import build_app
+from runtime.gc_pauses import freeze_startup_heap
 from runtime.tls import add_tls_args, tls_from_args
 from runtime.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,6 +177,10 @@ async def serve(config: RouterConfig, log_level: str) -> None:
             raise SystemExit(f"router did not start on {config.host}:{config.port}")
         await asyncio.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]  # the bound one when --port 0
+    # everything alive now lives as long as the process: out of the GC's full walks
+    frozen = freeze_startup_heap()
+    app.state.frontend.metrics.gc.install()
+    log.info("froze %d startup objects out of garbage collection", frozen)
     # launchers (deploy/local_cluster.py) read `READY <name> <host:port>`
     print(f"READY router {config.host}:{port}", flush=True)
     await serving

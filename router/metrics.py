@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from router.admission import Admission
 from router.config import Role, RouterConfig
 from router.registry import WorkerRegistry
+from runtime.gc_pauses import GcPauses
 
 _OVERHEAD_BUCKETS_S = (
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075,
@@ -44,6 +45,7 @@ class RouterMetrics:
             ["model", "mode"], registry=r,
         )  # fmt: skip
         info.labels(config.served_model_name, config.mode.value).set(1)
+        self.gc = GcPauses("tandem_router", r, {})  # installed by router/__main__.py
         self.requests = Counter(
             "tandem_router_requests", "HTTP requests answered, by endpoint and status code",
             ["endpoint", "status"], registry=r,

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from runtime.gc_pauses import GcPauses, freeze_startup_heap
 from runtime.tls import TlsFiles
 
 # Generous but bounded, both ways, on every server and channel: a prompt of 128K token ids is
@@ -31,12 +32,16 @@ async def serve_until_signalled(
     host: str,
     port: int,
     worker_id: str,
+    *,
+    gc_pauses: GcPauses,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     grace_s: float = 5.0,
     tls: TlsFiles | None = None,
 ) -> None:
-    """Bind host:port (port 0: any free port; TLS with `tls`), print `READY <worker_id>
-    <host:port>` on stdout (launchers wait for that line) and serve until SIGTERM or SIGINT."""
+    """Bind host:port (port 0: any free port; TLS with `tls`), freeze the startup heap out of
+    garbage collection and time the pauses left (runtime/gc_pauses.py), print `READY
+    <worker_id> <host:port>` on stdout (launchers wait for that line) and serve until SIGTERM
+    or SIGINT."""
     address = f"{host}:{port}"
     if tls is None:
         bound = server.add_insecure_port(address)
@@ -45,6 +50,8 @@ async def serve_until_signalled(
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()
+    freeze_startup_heap()
+    gc_pauses.install()
     print(f"READY {worker_id} {host}:{bound}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -53,5 +60,6 @@ async def serve_until_signalled(
     await stop.wait()
     print(f"{worker_id}: stopping", file=sys.stderr, flush=True)
     await server.stop(grace_s)
+    gc_pauses.uninstall()
     if on_stop is not None:
         await on_stop()

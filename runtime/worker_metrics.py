@@ -26,6 +26,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
+from runtime.gc_pauses import GcPauses
+
 LABELS = ("role", "worker_id", "model", "gpu")
 
 _STEP_BUCKETS_S = (
@@ -118,6 +120,8 @@ class WorkerMetrics:
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(name, doc, base, buckets=buckets, registry=r).labels(*v)
 
+        # installed by runtime/grpc_server.py once the worker serves
+        self.gc = GcPauses("tandem_worker", r, dict(zip(LABELS, v, strict=True)))
         self.prefill_tokens = counter(
             "tandem_worker_prefill_tokens",
             "Prompt tokens computed (prefix-cache hits excluded, recompute after preemption "
