@@ -62,6 +62,7 @@ class InvariantColumnLinear(nn.Module):
         shards: int,
     ) -> None:
         super().__init__()
+        self.first = first  # the first of this rank's virtual shards
         self.part_sizes = [s // shards for s in sizes]  # one virtual shard's part widths
         ids = range(first, first + count)
         self.weights = nn.ParameterList(
@@ -75,11 +76,15 @@ class InvariantColumnLinear(nn.Module):
             )
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outs = [
+    def shard_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each of the rank's virtual shards' GEMM output, [N, out/S]."""
+        return [
             F.linear(x, w, None if self.biases is None else self.biases[j])
             for j, w in enumerate(self.weights)
         ]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = self.shard_outputs(x)
         if len(outs) == 1:
             return outs[0]
         split = [o.split(self.part_sizes, dim=-1) for o in outs]
@@ -96,7 +101,7 @@ class InvariantRowLinear(nn.Module):
         self, weight: torch.Tensor, first: int, count: int, shards: int, world: int
     ) -> None:
         super().__init__()
-        self.shards, self.world, self.count = shards, world, count
+        self.shards, self.world, self.count, self.first = shards, world, count, first
         self.per = weight.shape[1] // shards  # input features per virtual shard
         self.out_features = weight.shape[0]
         # cuBLAS returns fp32 products of bf16/fp16 operands directly (mm out_dtype); oneDNN has
@@ -114,21 +119,30 @@ class InvariantRowLinear(nn.Module):
             return torch.mm(x, w.t(), out_dtype=torch.float32)
         return torch.mm(x.float(), w.t())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        local = torch.empty(
-            (self.count, n, self.out_features), dtype=torch.float32, device=x.device
+    def local_partials(self, x: torch.Tensor) -> torch.Tensor:
+        """[count, N, out] fp32: the rank's virtual shards' partial products."""
+        if self.count == 1:
+            return self._partial(x, self.weights[0]).unsqueeze(0)
+        return torch.stack(
+            [
+                self._partial(x[:, j * self.per : (j + 1) * self.per].contiguous(), w)
+                for j, w in enumerate(self.weights)
+            ]
         )
-        for j, w in enumerate(self.weights):
-            xj = x if self.count == 1 else x[:, j * self.per : (j + 1) * self.per].contiguous()
-            local[j] = self._partial(xj, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = self.local_partials(x)
         if self.world == 1:
             partials = local
         else:
+            n = x.shape[0]
             partials = torch.empty(
                 (self.shards, n, self.out_features), dtype=torch.float32, device=x.device
             )
-            dist.all_gather(list(partials.view(self.world, self.count, n, -1).unbind(0)), local)
+            if x.is_cuda:  # NCCL writes the one output tensor in place: no copy-back
+                dist.all_gather_into_tensor(partials, local)
+            else:  # gloo: the list form (all_gather_into_tensor is deprecated in torch 2.13)
+                dist.all_gather(list(partials.view(self.world, self.count, n, -1).unbind(0)), local)
         acc = partials[0].clone()
         for s in range(1, self.shards):  # the fixed order: never a tree whose shape follows T
             acc += partials[s]
