@@ -93,6 +93,14 @@ def add_rms_norm(
     return out, res
 
 
+# ROPE_NO_FMA: the RoPE kernels are compiled without FP fusion. With it (Triton's default),
+# `(x1 * c).to(bf16).to(f32) + (...)` became one fused multiply-add: LLVM narrows the product
+# and the sum to bf16 ops (exact for bf16 inputs), then contracts them into an FMA, which
+# skips the product's rounding. Measured on an H200 (bench/gpu_numerics, SmolLM2 on
+# transformers' own q/k): 16% of RoPE outputs differed from transformers' (2.4% by more than
+# one bf16 ulp); every other elementwise kernel here has no multiply feeding an add.
+
+
 @triton.jit
 def _rope_kernel(
     X,
@@ -146,6 +154,7 @@ def rope(
             HEADS_PAD=triton.next_power_of_2(h),
             HALF=d // 2,
             num_warps=4,
+            enable_fp_fusion=False,  # see ROPE_NO_FMA
         )
     return out
 
@@ -256,6 +265,7 @@ def rope_store_kv(
         HEADS_PAD=triton.next_power_of_2(max(hq, hk)),
         HALF=d // 2,
         num_warps=4,
+        enable_fp_fusion=False,  # see ROPE_NO_FMA
     )
     return out
 

@@ -142,6 +142,34 @@ def test_triton_gemv_matches_unfused(dtype: torch.dtype, m: int) -> None:
             torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_kernels_round_as_torch(dtype: torch.dtype) -> None:
+    """Both Triton RoPE kernels give transformers' `q * cos + rotate_half(q) * sin` bit for bit:
+    each product rounded to the dtype before the add (no FMA across it: ROPE_NO_FMA)."""
+    from engine import triton_fused
+    from engine.layers import RotaryEmbedding
+
+    torch.manual_seed(0)
+    n, hq, hk, d = 300, 9, 3, 64
+    rot = RotaryEmbedding(d, 4096, 100000.0, None).cuda()
+    q = torch.randn(n, hq, d, device="cuda", dtype=dtype) * 3
+    k = torch.randn(n, hk, d, device="cuda", dtype=dtype) * 3
+    pos = torch.randint(0, 4096, (n,), device="cuda")
+    cos, sin = rot.cos[pos].unsqueeze(1).to(dtype), rot.sin[pos].unsqueeze(1).to(dtype)
+
+    def ref(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    assert torch.equal(triton_fused.rope(pos, q, rot.cos, rot.sin), ref(q))
+    assert torch.equal(triton_fused.rope(pos, k, rot.cos, rot.sin), ref(k))
+    pool = torch.zeros(-(-n // BS), 2, BS, hk, d, device="cuda", dtype=dtype)
+    slots = torch.arange(n, device="cuda")
+    got = triton_fused.rope_store_kv(pos, q, k, k, rot.cos, rot.sin, pool[:, 0], pool[:, 1], slots)
+    assert torch.equal(got, ref(q))
+    assert torch.equal(pool[:, 0].reshape(-1, hk, d)[:n], ref(k))
+
+
 def test_rope_store_kv_matches_rope_then_store() -> None:
     from engine import triton_fused, triton_kernels
 
