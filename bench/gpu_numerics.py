@@ -11,8 +11,10 @@ Three parts, one model directory (SmolLM2), one GPU:
            (cuBLAS picks kernels by shape: is a row's result independent of M?).
   e2e      teacher-forced top-1 agreement, strict and tie-aware (bench/agreement.py), with
            transformers sdpa bf16 over the gpu_correctness texts: Tandem as built and Tandem
-           with its fused pieces replaced by transformers' op sequence (monkeypatched here, not
-           an engine mode), each as one chunk per text and as 100-token chunks; and
+           with its fused pieces replaced by transformers' op sequence, with its attention
+           replaced by torch SDPA called as transformers calls it (gathered from the pool),
+           and both (monkeypatched here, not an engine mode), each as one chunk per text and
+           as 100-token chunks; and
            transformers against itself (other SDPA backends, eager, chunked with a KV cache):
            the backend noise floor.
 Prints tables; writes everything as JSON to --out.
@@ -383,8 +385,44 @@ def _attn_unfused(self: Any, x: Any, positions: Any, meta: Any, kv: Any) -> Any:
     if self.q_norm is not None and self.k_norm is not None:
         q, k = self.q_norm(q), self.k_norm(k)
     q, k = self.rotary(positions, q, k)
-    o = paged_attention(q.contiguous(), k.contiguous(), v.contiguous(), kv[0], kv[1], meta)
+    o = llama.paged_attention(q.contiguous(), k.contiguous(), v.contiguous(), kv[0], kv[1], meta)
     return self.o_proj(o.reshape(n, self.q_size))
+
+
+# the row _tandem_logits is running: (tokens already cached, block table on the device)
+_ROW: dict[str, Any] = {}
+
+
+def _sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: Any, v_cache: Any, meta: Any
+) -> torch.Tensor:
+    """paged_attention's contract with transformers' attention call in place of the Triton
+    kernels: the new K/V stored, the row's K/V gathered from the pool, then torch SDPA exactly
+    as transformers calls it (no mask and is_causal over a fresh sequence; else a bool mask
+    and repeated kv heads), letting torch pick the backend as it does for transformers."""
+    from engine.gpu_attention import kernels
+
+    kernels().store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    start, n, hk, d = _ROW["start"], q.shape[0], k.shape[1], k.shape[2]
+    ctx = start + n
+    kk = k_cache[_ROW["table"]].reshape(-1, hk, d)[:ctx].transpose(0, 1)[None]
+    vv = v_cache[_ROW["table"]].reshape(-1, hk, d)[:ctx].transpose(0, 1)[None]
+    qq = q.transpose(0, 1)[None]
+    if start == 0 and n > 1:
+        o = F.scaled_dot_product_attention(
+            qq, kk, vv, is_causal=True, scale=d**-0.5, enable_gqa=True
+        )
+    else:
+        groups = q.shape[1] // hk
+        mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        o = F.scaled_dot_product_attention(
+            qq,
+            kk.repeat_interleave(groups, 1),
+            vv.repeat_interleave(groups, 1),
+            attn_mask=mask[None, None],
+            scale=d**-0.5,
+        )
+    return o[0].transpose(0, 1).contiguous()
 
 
 def _mlp_unfused_torch(self: Any, x: Any) -> Any:
@@ -428,6 +466,17 @@ VARIANTS: dict[str, list[tuple[Any, str, Callable[..., Any]]]] = {
         (RMSNorm, "add_forward", _add_norm_torch),
         (RotaryEmbedding, "forward", _rope_torch),
     ],
+    "attention by torch SDPA as transformers calls it": [
+        (llama, "paged_attention", _sdpa_attention),
+    ],
+    "transformers' op sequence and SDPA attention": [
+        (llama, "paged_attention", _sdpa_attention),
+        (llama.Attention, "forward", _attn_unfused),
+        (llama.MLP, "forward", _mlp_unfused_torch),
+        (RMSNorm, "forward", _norm_torch),
+        (RMSNorm, "add_forward", _add_norm_torch),
+        (RotaryEmbedding, "forward", _rope_torch),
+    ],
 }
 
 
@@ -438,8 +487,10 @@ def _tandem_logits(llm: LLM, texts: list[list[int]], chunk: int) -> list[torch.T
     out = []
     for ids in texts:
         table = tuple(range(-(-len(ids) // bs)))
+        _ROW["table"] = torch.tensor(table, device="cuda")
         logits = []
         for start in range(0, len(ids), chunk):
+            _ROW["start"] = start
             c = tuple(ids[start : start + chunk])
             row = ScheduledRow("tf", c, start, table, False, SamplingParams(), 0)
             input_ids, positions, meta, _ = runner._prepare_eager((row,))
