@@ -6,7 +6,8 @@ SiLU-and-mul epilogue for gate_up, residual epilogue for o_proj and down),
 each timed as a CUDA graph of calls over enough distinct weight copies to be several times the
 L2 (as in a model, where every layer's weights are new), so a kernel's ramp-up and tail count
 as they do in a decode step. Bandwidth = weight bytes / time per call, against the copy
-bandwidth measured in the same run. Then M = 2, 4, 8 at the engine's tile against cuBLAS.
+bandwidth measured in the same run. The best plain tile again without programmatic dependent
+launch (pdl=False). Then M = 2, 4, 8 at the engine's tile against cuBLAS.
 Prints a table and one JSON line ("gpu_gemv ..." prefix).
 
     python -m bench.gpu_gemv
@@ -139,6 +140,12 @@ def main() -> None:
                 nbytes / _time_per_weight(ws, partial(triton_gemv.linear, x, **kw)) / bw
             )
         best = max(sweep, key=sweep.__getitem__)
+        best_tile = TILES[[str(t) for t in TILES].index(best)]
+        row["plain_best_no_pdl"] = (
+            nbytes
+            / _time_per_weight(ws, partial(triton_gemv.linear, x, tile=best_tile, pdl=False))
+            / bw
+        )
         for m in (2, 4, 8):
             xm = torch.randn(m, k, device="cuda", dtype=dt)
             _check(triton_gemv.linear(xm, ws[0]), F.linear(xm, ws[0]), f"{name} M={m}")
@@ -152,7 +159,7 @@ def main() -> None:
             f"M{m} {row[f'M{m}']['triton']:.2f}/{row[f'M{m}']['cublas']:.2f}" for m in (2, 4, 8)
         )
         line = f"{name:8s} N={n:6d} K={k:5d}: cuBLAS {row['cublas']:.3f}, plain best "
-        line += f"{sweep[best]:.3f} at {best}"
+        line += f"{sweep[best]:.3f} at {best} (no PDL {row['plain_best_no_pdl']:.3f})"
         if "fused" in row:
             fb = max(row["fused"], key=row["fused"].__getitem__)
             line += f"; fused best {row['fused'][fb]:.3f} at {fb}, engine tile "

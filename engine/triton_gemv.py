@@ -17,6 +17,10 @@ up are rounded (the GEMM's output), silu(gate) is rounded before the multiply by
 rounded before the residual add. What differs is only the fp32 summation order of the dot
 products and of the norm's sum of squares.
 
+Launch boundaries: each GEMV is a programmatic dependent launch (PDL, Hopper): its programs
+start while the kernel before it drains and stream their first weight tile before waiting
+for it (griddepcontrol), so consecutive GEMVs overlap ramp-up with tail.
+
 Shape of the work: one program per BLOCK_N output rows of W, no split-K (no atomics, no
 zero-init, deterministic): every program streams BLOCK_N full rows of W, 16-byte loads along
 K. Measured on an H200 (bench/gpu_gemv.py, docs/benchmarks.md): at M = 1 this reads the
@@ -30,6 +34,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 MAX_ROWS = 8  # the rows are unrolled in the kernel (one reduction per row and tile)
 
@@ -76,6 +81,10 @@ def _gemv_kernel(
     RESIDUAL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
+    # Programmatic dependent launch (launched with launch_pdl): the next GEMV's programs may
+    # start once every program here has started; they prefetch their weights (which nothing
+    # writes) and wait at gdc_wait for this grid to finish before reading x or the residual.
+    gdc_launch_dependents()
     pid = tl.program_id(0).to(tl.int64)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -94,6 +103,7 @@ def _gemv_kernel(
         up_first = tl.load(up_rows + rk[None, :], mask=wmask, other=0.0)
     else:
         up_first = w_first  # unused
+    gdc_wait()  # the previous kernel (x's and the residual's writer) has finished
 
     rstd = tl.zeros([M_PAD], dtype=tl.float32)
     if NORM:  # each row's 1 / rms over all of K (x is a few KiB, from L2)
@@ -164,12 +174,14 @@ def linear(
     silu_mul: bool = False,
     residual: torch.Tensor | None = None,
     tile: tuple[int, int, int] | None = None,
+    pdl: bool = True,
 ) -> torch.Tensor:
     """x [M, K] -> [M, N] = f(x) @ weight^T (+ bias) (+ residual), weight [N, K] contiguous.
 
     norm = (RMSNorm weight [K], eps): f(x) = rms_norm(x), else x.
     silu_mul: weight is [gate; up], [2I, K]; returns silu(f(x) @ gate^T) * (f(x) @ up^T),
-    [M, I] (no bias). M <= MAX_ROWS; x, residual with unit stride along features."""
+    [M, I] (no bias). M <= MAX_ROWS; x, residual with unit stride along features.
+    pdl: launched as a programmatic dependent of the kernel before it (see the kernel)."""
     m, k = x.shape
     n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
     if m > MAX_ROWS:
@@ -206,5 +218,6 @@ def linear(
         RESIDUAL=residual is not None,
         HAS_BIAS=bias is not None,
         num_warps=warps,
+        launch_pdl=pdl,
     )
     return out
