@@ -2,10 +2,12 @@
 
 Runs bench.gpu_tp's greedy batch (Llama-3.1-8B shape, dummy weights, bf16) at TP=1 and TP=2,
 both with --tp-invariant-shards 2 and eager steps (Python sees every call), and records in call
-order a checksum of the raw bits of each virtual shard's column-parallel GEMM output, each
-row-parallel fp32 partial, each row-parallel layer's summed output and each shard's attention
-output (o_proj's input). Prints the first record whose bits differ between the two runs, how many
-differ, and whether the greedy ids match; then the same ids comparison with CUDA graphs.
+order a checksum of the raw bits of each virtual shard's column-parallel GEMM output, q and k
+after RoPE, each row-parallel fp32 partial, each row-parallel layer's summed output and each
+shard's attention output (o_proj's input). Prints the first record whose bits differ between the
+two runs, how many differ, and whether the greedy ids match; then the same ids comparison with
+CUDA graphs. Eager records sync once each: a 32-token run of the 8B shape took over 100 s on
+two H200s; keep --max-tokens small.
 
     python -m bench.tp_invariant_check [--max-tokens 8]
     python -m bench.tp_invariant_check --cpu-model DIR   # rehearsal: gloo, CPU, no graphs
@@ -29,7 +31,7 @@ from engine import LLM, SamplingParams
 from engine.args import EngineArgs
 from engine.gpu_runner import GpuModelRunner
 from engine.model_runner import ModelRunner
-from engine.tp_invariant import InvariantColumnLinear, InvariantRowLinear
+from engine.tp_invariant import InvariantColumnLinear, InvariantRowLinear, ShardedRotary
 
 PROMPTS = (17, 64, 130, 300)
 Record = tuple[str, int, str, int, int]  # module, call, kind, virtual shard (-1: all), checksum
@@ -44,6 +46,8 @@ def _bits(t: torch.Tensor) -> int:
 
 
 def _instrument(model: torch.nn.Module, records: list[Record]) -> None:
+    # the rank's first virtual shard (ShardedRotary does not keep it): any column layer's
+    rank_first = [next(m.first for m in model.modules() if isinstance(m, InvariantColumnLinear))]
     calls: dict[str, int] = {}  # module -> calls completed (a "*-call" record ends a call)
 
     def add(name: str, kind: str, shard: int, t: torch.Tensor) -> None:
@@ -67,6 +71,23 @@ def _instrument(model: torch.nn.Module, records: list[Record]) -> None:
                 return outs
 
             col.shard_outputs = shard_outputs  # type: ignore[method-assign]
+        elif isinstance(mod, ShardedRotary):
+            rope = mod
+            original_r = rope.shard_outputs
+            first = rank_first[0]
+
+            def rope_outputs(
+                positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, name: str = name,
+                original: Any = original_r, first: int = first,
+            ) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+                outs: list[tuple[torch.Tensor, torch.Tensor]] = original(positions, q, k)
+                for j, (qj, kj) in enumerate(outs):
+                    add(name, "rope-q", first + j, qj)
+                    add(name, "rope-k", first + j, kj)
+                add(name, "rope-call", -1, positions)
+                return outs
+
+            rope.shard_outputs = rope_outputs  # type: ignore[method-assign]
         elif isinstance(mod, InvariantRowLinear):
             row = mod
             original_p = row.local_partials

@@ -12,8 +12,9 @@ runs the same kernels on the same operands and rounds the same way:
     bf16 -> fp32 output, no intermediate bf16 rounding), all S partials gathered on every rank
     (an all-gather, never an all-reduce whose summation order NCCL picks per world size), summed
     in the fixed order 0, 1, ..., S-1 in fp32 and cast to the model dtype once;
+  - RoPE per virtual shard too (ShardedRotary: its kernel tiles all of a call's heads);
   - everything else is replicated or per head: embedding, norms, lm_head (the full vocabulary on
-    every rank), RoPE, and attention, whose Triton kernels run one program per (row, head) or
+    every rank), and attention, whose Triton kernels run one program per (row, head) or
     (row, kv head, split); in this mode the decode split count is fixed per engine, not per batch
     and kv-head count (GpuModelRunner).
 
@@ -23,9 +24,9 @@ same in both modes. Not invariant: per-head q/k norms (Qwen3: a torch reduction 
 whose launch shape follows H) and any change of batch composition in eager steps (cuBLAS picks
 kernels by M as well); see docs/design.md.
 
-Costs (only in this mode): S/T GEMM launches per linear instead of one, a concatenation per
-column-parallel layer when S/T > 1, fp32 partials gathered (2x the bytes of a bf16 all-reduce's
-input, T x its output) and an fp32 sum per row-parallel layer.
+Costs (only in this mode): S/T GEMM (and RoPE) launches instead of one, a concatenation per
+column-parallel layer and RoPE when S/T > 1, fp32 partials gathered (2x the bytes of a bf16
+all-reduce's input, T x its output) and an fp32 sum per row-parallel layer.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import check_invariant_shards
+from engine.layers import RotaryEmbedding
 from engine.models.llama import MLP, Attention, CausalLM, DecoderLayer
 
 
@@ -149,6 +151,41 @@ class InvariantRowLinear(nn.Module):
         return acc.to(x.dtype)
 
 
+class ShardedRotary(RotaryEmbedding):
+    """RoPE applied to each virtual shard's heads by a call of its own, [N, Hq/S, D] and
+    [N, Hk/S, D], as a TP=S rank applies it.
+
+    The CUDA RoPE kernel (triton_fused.rope) handles all of a call's heads in one program tile, so
+    a head's bits could follow its place in that tile and the tile's compiled shape (HEADS_PAD):
+    measured on two H200s (bench/tp_invariant_check, before RoPE was compiled without FP fusion),
+    TP=1's heads 16..31 left attention with other bits than TP=2 rank 1's heads 0..15 while the
+    q/k/v GEMM outputs were equal. Per shard, every TP size launches the same kernel on the same
+    shapes. Shares the wrapped table's cos/sin buffers (no copy)."""
+
+    def __init__(self, rotary: RotaryEmbedding, count: int) -> None:
+        nn.Module.__init__(self)  # no new tables: the shared ones below
+        self.register_buffer("cos", rotary.cos, persistent=False)
+        self.register_buffer("sin", rotary.sin, persistent=False)
+        self.count = count
+
+    def shard_outputs(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(q, k) after RoPE for each of the rank's virtual shards."""
+        return [
+            RotaryEmbedding.forward(self, positions, qj, kj)
+            for qj, kj in zip(q.chunk(self.count, dim=1), k.chunk(self.count, dim=1), strict=True)
+        ]
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = self.shard_outputs(positions, q, k)
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+
 def shard_model_invariant(model: CausalLM, rank: int, world: int, shards: int) -> None:
     """Replace the model's projections by rank `rank`'s virtual shards (of `shards`), in place.
     `model` holds the full, replicated weights; world may be 1 (a TP=1 engine in this mode)."""
@@ -167,6 +204,7 @@ def shard_model_invariant(model: CausalLM, rank: int, world: int, shards: int) -
             attn.qkv_proj.weight, attn.qkv_proj.bias, sizes, first, count, shards
         )
         attn.o_proj = InvariantRowLinear(attn.o_proj.weight, first, count, shards, world)
+        attn.rotary = ShardedRotary(attn.rotary, count)
         attn.num_heads //= world
         attn.num_kv_heads //= world
         attn.q_size //= world
