@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,13 @@ def test_two_ranks_give_one_ranks_logits_bit_for_bit(tmp_path: Path) -> None:
         torch.testing.assert_close(got["default_tp2"], got["unsharded"], atol=0.1, rtol=0.05)
 
 
-def _engine_args(tp: int) -> dict[str, object]:
+def _engine_args(tp: int, cuda: bool) -> dict[str, object]:
+    if cuda:  # the Llama-3.1-8B shape cut to 2 layers, dummy weights: CUDA graphs, NCCL
+        return {
+            "device": "cuda", "dtype": "bfloat16", "load_format": "dummy", "kv_cache_gib": 1.0,
+            "max_model_len": 1024, "max_num_seqs": 8, "max_num_batched_tokens": 256,
+            "tensor_parallel_size": tp, "tp_invariant_shards": 2,
+        }  # fmt: skip
     return {
         "device": "cpu",
         "dtype": "bfloat16",
@@ -106,25 +113,38 @@ def _engine_args(tp: int) -> dict[str, object]:
     }
 
 
-def _engine_rank(rank: int, init_file: str, model_dir: str, out_dir: str) -> None:
+def _engine_rank(rank: int, init_file: str, model_dir: str, out_dir: str, cuda: bool) -> None:
     from engine import LLM, SamplingParams
     from engine.args import EngineArgs
+    from engine.gpu_runner import GpuModelRunner
     from engine.model_runner import ModelRunner
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    kwargs: dict[str, object] = {}
+    if cuda:
+        torch.cuda.set_device(rank)
+        kwargs["device_id"] = torch.device(f"cuda:{rank}")
+    backend = "nccl" if cuda else "gloo"
+    dist.init_process_group(
+        backend, init_method=f"file://{init_file}", rank=rank, world_size=2,
+        **kwargs,  # type: ignore[arg-type]
+    )  # fmt: skip
     try:
         if rank > 0:
-            config = EngineArgs(model=model_dir, **_engine_args(2)).resolve()  # type: ignore[arg-type]
-            ModelRunner(config).serve_followers()
+            args = {**_engine_args(2, cuda), **({"device": "cuda:1"} if cuda else {})}
+            config = EngineArgs(model=model_dir, **args).resolve()  # type: ignore[arg-type]
+            (GpuModelRunner if cuda else ModelRunner)(config).serve_followers()
             return
         prompts = [[(7 * i + 3) % 500 + 3 for i in range(n)] for n in (45, 9, 20)]
+        if cuda:
+            prompts.append([(13 * i + 5) % 120000 + 3 for i in range(300)])
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
         out = {}
         for tp in (1, 2):
-            llm = LLM(model_dir, tokenizer=False, **_engine_args(tp))
+            llm = LLM(model_dir, tokenizer=False, **_engine_args(tp, cuda))
             results = llm.generate(prompts, params)
             out[tp] = [(r.outputs[0].token_ids, repr(r.outputs[0].logprobs)) for r in results]
             llm.engine.runner.stop_followers()
+            del llm
         torch.save(out, f"{out_dir}/engine.pt")
     finally:
         dist.destroy_process_group()
@@ -135,13 +155,33 @@ def test_engine_greedy_tokens_and_logprobs_equal_at_tp1_and_tp2(
 ) -> None:
     mp.start_processes(
         _engine_rank,
-        args=(str(tmp_path / "init"), str(tiny_model_dirs["llama"]), str(tmp_path)),
+        args=(str(tmp_path / "init"), str(tiny_model_dirs["llama"]), str(tmp_path), False),
         nprocs=2,
         start_method="spawn",
     )
     got = torch.load(tmp_path / "engine.pt")
     assert got[1] == got[2]
     assert all(len(tokens) == 12 for tokens, _ in got[1])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_gpu_greedy_tokens_and_logprobs_equal_at_tp1_and_tp2(tmp_path: Path) -> None:
+    """On two GPUs (nvidia-h200-x2): NCCL, Triton kernels, cuBLAS, CUDA graphs; bf16 on near-flat
+    dummy-weight logits, where the default sharding departs within a few tokens."""
+    shape = Path(__file__).parents[2] / "engine/model_configs/llama-3.1-8b/config.json"
+    cfg = json.loads(shape.read_text())
+    cfg["num_hidden_layers"] = 2
+    model_dir = tmp_path / "llama8b-2l"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    mp.start_processes(
+        _engine_rank,
+        args=(str(tmp_path / "init"), str(model_dir), str(tmp_path), True),
+        nprocs=2,
+        start_method="spawn",
+    )
+    got = torch.load(tmp_path / "engine.pt")
+    assert got[1] == got[2]
 
 
 @pytest.mark.parametrize(
