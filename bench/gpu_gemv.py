@@ -34,7 +34,8 @@ SHAPES = {  # name: (N, K), Llama-3.1-8B
     "down": (4096, 14336),
     "lm_head": (128256, 4096),
 }
-TILES = list(itertools.product((2, 4, 8), (1024, 2048), (4, 8)))  # BLOCK_N, BLOCK_K, warps
+# BLOCK_N, BLOCK_K, warps
+TILES = [*itertools.product((2, 4, 8), (1024, 2048), (4, 8)), (2, 4096, 8), (4, 4096, 8)]
 
 
 def copy_bandwidth() -> float:

@@ -37,6 +37,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 MAX_ROWS = 8  # the rows are unrolled in the kernel (one reduction per row and tile)
+MAX_NORM_FEATURES = 16384  # the norm prologue loads a whole row at once
 
 
 @triton.jit
@@ -76,6 +77,7 @@ def _gemv_kernel(
     M_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    X_BLOCK: tl.constexpr,  # next_power_of_2(K) with NORM
     NORM: tl.constexpr,
     SILU_MUL: tl.constexpr,
     RESIDUAL: tl.constexpr,
@@ -106,15 +108,12 @@ def _gemv_kernel(
     gdc_wait()  # the previous kernel (x's and the residual's writer) has finished
 
     rstd = tl.zeros([M_PAD], dtype=tl.float32)
-    if NORM:  # each row's 1 / rms over all of K (x is a few KiB, from L2)
+    if NORM:  # each row's 1 / rms over all of K: the row in one load (one L2 round trip)
+        rx = tl.arange(0, X_BLOCK)
         for m in tl.static_range(M_PAD):
-            ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + rk
-                xv = tl.load(X + m * stride_xm + kk, mask=(kk < K) & (m < M), other=0.0)
-                xf = xv.to(tl.float32)
-                ss += xf * xf
-            rstd = tl.where(rm == m, tl.rsqrt(tl.sum(ss, 0) / K + eps), rstd)
+            xf = tl.load(X + m * stride_xm + rx, mask=(rx < K) & (m < M), other=0.0)
+            xf = xf.to(tl.float32)
+            rstd = tl.where(rm == m, tl.rsqrt(tl.sum(xf * xf, 0) / K + eps), rstd)
 
     acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
     acc = _accumulate(
@@ -153,10 +152,10 @@ def _gemv_kernel(
 # gate_up with silu_mul, N = intermediate: BLOCK_N gate rows + BLOCK_N up rows a program);
 # other shapes take the default. bench/gpu_gemv.py on an H200, 2026-11-22.
 _TILES: dict[tuple[int, int], tuple[int, int, int]] = {
-    (6144, 4096): (4, 1024, 4),  # qkv
-    (4096, 4096): (4, 2048, 8),  # o_proj
-    (14336, 4096): (4, 2048, 8),  # gate_up, silu_mul
-    (4096, 14336): (4, 2048, 8),  # down
+    (6144, 4096): (4, 2048, 8),  # qkv, norm
+    (4096, 4096): (2, 1024, 4),  # o_proj, residual
+    (14336, 4096): (2, 2048, 4),  # gate_up, norm + silu_mul
+    (4096, 14336): (4, 2048, 8),  # down, residual
 }
 _DEFAULT_TILE = (4, 1024, 4)
 
@@ -188,6 +187,8 @@ def linear(
         raise ValueError(f"triton_gemv.linear takes at most {MAX_ROWS} rows, got {m}")
     if weight.shape[1] != k or x.stride(1) != 1 or not weight.is_contiguous():
         raise ValueError(f"x {tuple(x.shape)} / weight {tuple(weight.shape)} do not match")
+    if norm is not None and k > MAX_NORM_FEATURES:
+        raise ValueError(f"the norm prologue holds a row in registers: K={k} > {MAX_NORM_FEATURES}")
     if silu_mul and (bias is not None or weight.shape[0] % 2):
         raise ValueError("silu_mul needs an even number of weight rows and no bias")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -213,6 +214,7 @@ def linear(
         M_PAD=triton.next_power_of_2(m),
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        X_BLOCK=triton.next_power_of_2(k) if norm is not None else 1,
         NORM=norm is not None,
         SILU_MUL=silu_mul,
         RESIDUAL=residual is not None,
