@@ -134,6 +134,7 @@ def test_cli_table_and_plot(tmp_path: Path) -> None:
     assert c.workload == Workload("multiturn", isl=600, osl=16, turns=4, shared_prefix=472)
     assert c.workload.prompts(0, 0)[0][472:] != c.workload.prompts(1, 0)[0][472:]
     assert (c.strict, c.loose) == (Slo(1.0, 0.02), Slo(2.0, 0.05))
+    assert c.warmup_requests == 2  # one per worker of a pool of two
     bad = parser.parse_args(["goodput", "run", "--url", "u", "--workload", "3k150",
                              "--rates", "1,x", "--label", "l"])  # fmt: skip
     with pytest.raises(ValueError, match="rates"):
