@@ -16,6 +16,14 @@ output ids on the host; not at max_tokens / max_model_len, where it will finish;
 blocks are held for a hand-off); otherwise it skips a step. With no step in flight (the
 synchronous loop) there are never pending tokens and all of this is inert.
 
+TP-invariant mode (EngineConfig.tp_invariant_shards) also needs each row's bits independent of
+the other rows of its step: cuBLAS picks GEMM kernels by M (the step's token count) as well. A
+decode step is batch-invariant on the GPU (one CUDA-graph bucket of max_num_seqs rows in that
+mode); a prefill chunk is made so here: in this mode it runs alone in its step (M = its own chunk
+length, which depends on the token budget and its prefix hits only), and prefill and decode
+steps alternate while both have work. Hazard: a preempted request's recompute is one chunk as
+well, but its outputs' KV then comes from a prefill GEMM rather than from decode steps.
+
 Role hooks (the engine is role-neutral; the workers pick):
   - prefill role: a request added with hold_kv_on_finish keeps its blocks after it finishes,
     until `release_held` (the KV hand-off is done);
@@ -44,6 +52,9 @@ class Scheduler:
         self.reserved: dict[str, list[int]] = {}  # decode role: blocks awaiting remote KV
         self.held: dict[str, list[int]] = {}  # prefill role: finished, blocks pinned
         self.num_preemptions = 0
+        # TP-invariant mode: one prefill chunk per step, alone (see the module doc)
+        self.isolate_prefill = config.tp_invariant_shards is not None
+        self._prefill_turn = False  # that mode: the last step was a prefill step
 
     # ---- intake -------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -91,11 +102,17 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         rows: list[ScheduledRow] = []
         preempted: list[str] = []
+        prefill_step = self._prefill_step() if self.isolate_prefill else False
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             if req.num_pending_tokens and not self._can_run_ahead(req):
                 i += 1  # waits for its pending token's result (read by the next update)
+                continue
+            if self.isolate_prefill and (
+                _prefilling(req) is not prefill_step or (rows and prefill_step)
+            ):
+                i += 1  # another kind of step, or this prefill step has its one chunk
                 continue
             n = min(req.num_tokens_with_pending - req.num_computed_tokens, budget)
             need = self._blocks_for(req.num_computed_tokens + n) - len(req.block_table)
@@ -115,6 +132,8 @@ class Scheduler:
         while self.waiting and budget > 0 and not preempted:
             if len(self.running) >= self.config.max_num_seqs:
                 break
+            if self.isolate_prefill and (not prefill_step or rows):
+                break
             req = self.waiting[0]
             chunk = self._admit(req, budget)
             if chunk is None:
@@ -129,6 +148,14 @@ class Scheduler:
             req.num_computed_tokens += row.num_new_tokens
             req.num_pending_tokens += row.sample
         return StepPlan(tuple(rows), tuple(preempted))
+
+    def _prefill_step(self) -> bool:
+        """TP-invariant mode: is this step a prefill step (one chunk, alone)? Alternates with
+        decode steps while both kinds have work."""
+        prefill = bool(self.waiting) or any(_prefilling(r) for r in self.running)
+        decode = any(not _prefilling(r) for r in self.running)
+        self._prefill_turn = prefill and (not decode or not self._prefill_turn)
+        return self._prefill_turn
 
     def _can_run_ahead(self, req: Request) -> bool:
         """May `req` be scheduled while its pending token is unread (see the module doc)?"""
@@ -287,3 +314,9 @@ class Scheduler:
     @property
     def num_unfinished(self) -> int:
         return len(self.requests)
+
+
+def _prefilling(req: Request) -> bool:
+    """More than its next token to compute, or its prompt not all computed yet."""
+    computed = req.num_computed_tokens
+    return computed < req.num_tokens_with_pending - 1 or computed < req.num_prompt_tokens

@@ -204,3 +204,47 @@ def test_bad_shard_counts_are_refused(
             tensor_parallel_size=tp,
             tp_invariant_shards=shards,
         )
+
+
+@pytest.mark.parametrize("shards", [2, None])
+def test_prefill_chunks_run_alone_in_the_invariant_mode(
+    tiny_model_dirs: dict[str, Path], shards: int | None
+) -> None:
+    """Batch invariance for prefills: in this mode a step holds one prefill chunk and nothing
+    else, or decode rows only (engine/scheduler.py), so a prompt's prefill GEMMs have the same
+    M batched as alone (the default mode batches prefills); the tokens equal each prompt's
+    alone."""
+    from engine import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = [[3 + (7 * i + j) % 200 for j in range(n)] for i, n in enumerate((40, 9, 23, 2))]
+    llm = LLM(
+        str(tiny_model_dirs["llama"]),
+        tokenizer=False,
+        tp_invariant_shards=shards,
+        max_num_batched_tokens=32,
+        enable_prefix_caching=False,
+    )
+    scheduler = llm.engine.scheduler
+    steps: list[list[tuple[int, bool]]] = []  # per step: (new tokens, prompt not done) per row
+    schedule = scheduler.schedule
+
+    def recording_schedule():  # type: ignore[no-untyped-def]
+        plan = schedule()
+        requests = scheduler.requests
+        steps.append(
+            [(r.num_new_tokens, requests[r.request_id].num_output_tokens == 0) for r in plan.rows]
+        )
+        return plan
+
+    scheduler.schedule = recording_schedule  # type: ignore[method-assign]
+    batched = [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+    prefill_steps = [s for s in steps if any(prefill for _, prefill in s)]
+    if shards is None:
+        assert any(len(s) > 1 for s in prefill_steps)
+        return
+    assert prefill_steps and all(len(s) == 1 for s in prefill_steps)
+    assert any(len(s) > 1 for s in steps)  # decode steps still batch
+    alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    assert batched == alone
+    assert llm.engine.block_manager.num_used_blocks == 0
