@@ -68,6 +68,16 @@ def add_parsers(sub: Any, model_dir: Any) -> None:
         "--stream-interval", type=int, default=None,
         help="router: tokens per streamed SSE chunk (default: the router's, 1)",
     )  # fmt: skip
+    serve.add_argument(
+        "--local-prefill-max-tokens", type=int, default=None,
+        help="router, --mode auto: prefill on the decode worker up to this many uncached "
+        "tokens (default: the router's, 256)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--prefill-budget-s", type=float, default=None,
+        help="router, --mode auto: a long prompt goes to a prefill worker while its estimated "
+        "prefill time there is at most this (default: the router's, 0.5)",
+    )  # fmt: skip
     add_tls_args(serve.add_argument_group("TLS of every gRPC server and channel"))
     serve.add_argument(
         "--worker-host", default=None,
@@ -183,6 +193,10 @@ def _router_args(args: argparse.Namespace) -> tuple[str, ...]:
         out += ["--request-timeout-s", str(args.request_timeout_s)]
     if args.stream_interval is not None:
         out += ["--stream-interval", str(args.stream_interval)]
+    if args.local_prefill_max_tokens is not None:
+        out += ["--local-prefill-max-tokens", str(args.local_prefill_max_tokens)]
+    if args.prefill_budget_s is not None:
+        out += ["--prefill-budget-s", str(args.prefill_budget_s)]
     return tuple(out)
 
 
