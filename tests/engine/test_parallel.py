@@ -9,6 +9,7 @@ plan broadcast on top (bench/gpu_tp.py, nvidia-h200-x2).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -93,14 +94,15 @@ def _rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def spawn(fn: Callable[..., None], *args: object, world: int = 2) -> None:
+    """fn(rank, *args) in `world` spawned processes (the ranks); returns when all have exited,
+    raises if one failed."""
+    mp.start_processes(fn, args=args, nprocs=world, start_method="spawn")
+
+
 def test_two_ranks_match_the_replicated_model(tmp_path: Path) -> None:
     world = 2
-    mp.start_processes(
-        _rank,
-        args=(world, str(tmp_path / "init"), str(tmp_path)),
-        nprocs=world,
-        start_method="spawn",
-    )
+    spawn(_rank, world, str(tmp_path / "init"), str(tmp_path), world=world)
     for rank in range(world):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(got["sharded"], got["reference"], atol=1e-5, rtol=1e-5)

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from engine.config import EngineConfig, ModelConfig
 from engine.kv_layout import KVLayout
@@ -22,7 +21,7 @@ from engine.loader import init_dummy
 from engine.models.llama import CausalLM
 from engine.parallel import TensorParallel, kv_layout_for_rank, shard_model
 from engine.tp_invariant import shard_model_invariant
-from tests.engine.test_parallel import PROMPT, _layout, _run
+from tests.engine.test_parallel import PROMPT, _layout, _run, spawn
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -73,12 +72,7 @@ def _model_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 def test_two_ranks_give_one_ranks_logits_bit_for_bit(tmp_path: Path) -> None:
     world = 2
-    mp.start_processes(
-        _model_rank,
-        args=(world, str(tmp_path / "init"), str(tmp_path)),
-        nprocs=world,
-        start_method="spawn",
-    )
+    spawn(_model_rank, world, str(tmp_path / "init"), str(tmp_path), world=world)
     for rank in range(world):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["unsharded"].dtype == torch.bfloat16
@@ -153,12 +147,7 @@ def _engine_rank(rank: int, init_file: str, model_dir: str, out_dir: str, cuda: 
 def test_engine_greedy_tokens_and_logprobs_equal_at_tp1_and_tp2(
     tmp_path: Path, tiny_model_dirs: dict[str, Path]
 ) -> None:
-    mp.start_processes(
-        _engine_rank,
-        args=(str(tmp_path / "init"), str(tiny_model_dirs["llama"]), str(tmp_path), False),
-        nprocs=2,
-        start_method="spawn",
-    )
+    spawn(_engine_rank, str(tmp_path / "init"), str(tiny_model_dirs["llama"]), str(tmp_path), False)
     got = torch.load(tmp_path / "engine.pt")
     assert got[1] == got[2]
     assert all(len(tokens) == 12 for tokens, _ in got[1])
@@ -174,12 +163,7 @@ def test_gpu_greedy_tokens_and_logprobs_equal_at_tp1_and_tp2(tmp_path: Path) -> 
     model_dir = tmp_path / "llama8b-2l"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(cfg))
-    mp.start_processes(
-        _engine_rank,
-        args=(str(tmp_path / "init"), str(model_dir), str(tmp_path), True),
-        nprocs=2,
-        start_method="spawn",
-    )
+    spawn(_engine_rank, str(tmp_path / "init"), str(model_dir), str(tmp_path), True)
     got = torch.load(tmp_path / "engine.pt")
     assert got[1] == got[2]
 
