@@ -126,6 +126,9 @@ class MeteredDecodeServicer(DecodeServicer):
     def on_prefill_fallback(self, reason: str) -> None:
         self.metrics.prefill_fallback(reason)
 
+    def on_kv_reuse(self, num_blocks: int) -> None:
+        self.metrics.kv_reused(num_blocks)
+
     def on_remote_step(self, step: str, duration_s: float) -> None:
         self.metrics.remote_prefill_step(step, duration_s)
 

@@ -24,6 +24,7 @@ import grpc
 
 from engine.async_engine import AsyncEngine
 from engine.block_manager import OutOfBlocks
+from engine.kv_reservation import KVReservation
 from engine.outputs import RequestOutput
 from engine.plan import TokenLogprob
 from engine.sampling_params import SamplingParams
@@ -83,7 +84,7 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         self.sink = sink
         self.lease_s = lease_s  # how long reserved blocks wait for the prefill worker's KV
         self.prefill_clients = PrefillClients(tls)
-        # _release_after_fence / hash_awaiting_prompt in progress
+        # _release_after_fence in progress
         self._releases: set[asyncio.Task[None]] = set()
 
     async def Generate(
@@ -141,7 +142,10 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
                 if out.finished:
                     msg.usage.completion_tokens = num_tokens
                     if remote_cached is not None:
-                        msg.usage.cached_tokens = remote_cached
+                        # the longer of the two prefix hits (this worker's, which skipped
+                        # the transfer, already in the message; the prefill worker's, which
+                        # skipped the compute): prompt tokens found in either worker's cache
+                        msg.usage.cached_tokens = max(msg.usage.cached_tokens, remote_cached)
                     # a resumed request may hit its own earlier output in the cache
                     msg.usage.cached_tokens = min(msg.usage.cached_tokens, len(prompt))
                 yield msg
@@ -152,6 +156,10 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
 
     def on_prefill_fallback(self, reason: str) -> None:
         """Hook: a remote prefill failed and the prompt is computed here (metrics wrap it)."""
+
+    def on_kv_reuse(self, num_blocks: int) -> None:
+        """Hook: a remote prefill's reservation reused num_blocks prompt blocks of this
+        worker's prefix cache, which are not transferred (metrics wrap it)."""
 
     def on_remote_step(self, step: str, duration_s: float) -> None:
         """Hook: one serial step of a remote prefill took duration_s seconds (metrics wrap
@@ -182,12 +190,13 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         )
         admitted = False
         try:
-            blocks = await asyncio.shield(reservation)
+            reserved = await asyncio.shield(reservation)
             clock.lap("reserve")
-            # queued behind the reservation, run by the engine thread while the lease and the
-            # Prefill RPC go on: the prompt's block hashes, so that admission need not
-            self._background(self.engine.call(lambda e: e.hash_awaiting_prompt(rid)))
-            handle = await asyncio.shield(self.sink.expect(rid, blocks, self.lease_s))
+            # only the blocks our prefix cache lacks are leased and written (the hits are ours,
+            # read only: no remote write may touch them)
+            handle = await asyncio.shield(
+                self.sink.expect(rid, reserved.write_block_ids, self.lease_s)
+            )
             clock.lap("lease")
             remote = request.prefill.remote
             prefill_req = pb.PrefillRequest(
@@ -196,6 +205,7 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
                 sampling=request.sampling,
                 kv=_handle_to_proto(handle),
                 deadline_unix_s=request.deadline_unix_s,
+                first_kv_block=reserved.num_hit_blocks,
             )
             try:
                 reply = await self.prefill_clients.stub(remote.prefill_address).Prefill(
@@ -223,6 +233,7 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
             outputs = await self.engine.admit_prefilled(rid, reply.first_token_id, first_logprob)
             admitted = True
             clock.lap("admit")
+            self.on_kv_reuse(reserved.num_hit_blocks)
             return outputs, reply.kv_transfer_s, reply.cached_tokens
         finally:
             if not admitted:
@@ -233,14 +244,18 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         self._releases.add(task)  # a task nobody references may be collected
         task.add_done_callback(self._releases.discard)
 
-    async def _release_after_fence(self, rid: str, reservation: asyncio.Future[list[int]]) -> None:
+    async def _release_after_fence(
+        self, rid: str, reservation: asyncio.Future[KVReservation]
+    ) -> None:
         """Give a reservation back once no write of its transfer can land any more.
 
         Runs after the engine made (or refused) the reservation and the sink opened (or
         refused) the lease. An open transfer is aborted and awaited: it ends either landed
         (it beat the abort) or released behind the fence (KVReleased); only then are the blocks
         freed. Admission may have taken the reservation meanwhile (the caller was cancelled
-        while admitting: AsyncEngine aborts that request), so none may be left to free."""
+        while admitting: AsyncEngine aborts that request), so none may be left to free. The
+        prefix-cache hits of the reservation were never leased: nothing writes them, and the
+        same cancel_kv_reservation drops their references."""
         assert self.sink is not None
         try:
             await reservation

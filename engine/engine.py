@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from engine.block_manager import BlockAccountingError, BlockCounts, BlockManager
 from engine.config import EngineConfig
 from engine.gpu_runner import GpuModelRunner
+from engine.kv_reservation import KVReservation
 from engine.model_runner import LaunchedStep, ModelRunner
 from engine.outputs import RequestOutput
 from engine.plan import StepPlan, StepResult, TokenLogprob
@@ -113,11 +114,12 @@ class Engine:
     # ---- role hooks -------------------------------------------------------------------------
     def reserve_kv(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
-    ) -> list[int]:
+    ) -> KVReservation:
         """Decode role: blocks for a prompt whose KV someone else writes (ValueError for a
-        request this engine would refuse, OutOfBlocks). The request is built now, while its
-        KV is still being computed elsewhere (hash_awaiting_prompt hashes its blocks, a
-        separate command off the critical path); admit_prefilled only appends the first token
+        request this engine would refuse, OutOfBlocks). The prompt's full blocks found in
+        this engine's prefix cache are reused (KVReservation.num_hit_blocks): only the rest
+        is written from elsewhere. The request is built and its blocks hashed now, while its
+        KV is still being computed elsewhere; admit_prefilled only appends the first token
         and runs it.
 
         Waits for a step in flight first: it may still write a block freed meanwhile (see the
@@ -127,18 +129,10 @@ class Engine:
             done = self.in_flight.launched.done
             if done is not None:
                 done.synchronize()
-        blocks = self.scheduler.reserve(request_id, req.num_prompt_tokens)
+        reservation = self.scheduler.reserve(req)
         req.status = RequestStatus.WAITING_FOR_KV
         self.awaiting_kv[request_id] = req
-        return blocks
-
-    def hash_awaiting_prompt(self, request_id: str) -> None:
-        """Decode role: hash the full prompt blocks of a request reserve_kv built, so that
-        admission need not (~0.3-0.8 ms for 3,000 tokens). A no-op when the reservation is
-        gone (cancelled or admitted meanwhile: admission hashes what is missing itself)."""
-        req = self.awaiting_kv.get(request_id)
-        if req is not None and self.config.enable_prefix_caching:
-            req.update_block_hashes(self.config.block_size)
+        return reservation
 
     def cancel_kv_reservation(self, request_id: str) -> bool:
         """Decode role: give reserved blocks back; False when there are none (the request was

@@ -27,7 +27,8 @@ well, but its outputs' KV then comes from a prefill GEMM rather than from decode
 Role hooks (the engine is role-neutral; the workers pick):
   - prefill role: a request added with hold_kv_on_finish keeps its blocks after it finishes,
     until `release_held` (the KV hand-off is done);
-  - decode role: `reserve` blocks for a request whose KV is computed elsewhere, then
+  - decode role: `reserve` blocks for a request whose KV is computed elsewhere (its own
+    prefix-cache hits first: only the rest is written from elsewhere), then
     `admit_prefilled` it straight into the running set.
 """
 
@@ -35,8 +36,9 @@ from __future__ import annotations
 
 from collections import deque
 
-from engine.block_manager import BlockManager
+from engine.block_manager import BlockManager, OutOfBlocks
 from engine.config import EngineConfig
+from engine.kv_reservation import KVReservation
 from engine.plan import ScheduledRow, StepPlan, StepResult
 from engine.request import FinishReason, Request, RequestStatus
 
@@ -61,17 +63,30 @@ class Scheduler:
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
-    def reserve(self, request_id: str, num_tokens: int) -> list[int]:
-        """Allocate blocks for `num_tokens` of KV that another process will write.
+    def reserve(self, req: Request) -> KVReservation:
+        """Blocks for the prompt of `req`, whose KV another process will write: this engine's
+        prefix-cache hits (acquired, as _admit does; never the block of the last prompt
+        token) followed by new blocks.
 
-        Raises OutOfBlocks. The caller owns the reservation until admit_prefilled or
-        cancel_reservation.
+        Raises OutOfBlocks, changing nothing. The caller owns the reservation until
+        admit_prefilled or cancel_reservation (the one free path of every entry, hit or new).
         """
-        if request_id in self.reserved or request_id in self.requests:
-            raise ValueError(f"request {request_id!r} already exists")
-        blocks = self.bm.allocate(self._blocks_for(num_tokens))
-        self.reserved[request_id] = blocks
-        return blocks
+        if req.request_id in self.reserved or req.request_id in self.requests:
+            raise ValueError(f"request {req.request_id!r} already exists")
+        hits = self._prefix_hits(req)
+        need = self._blocks_for(req.num_prompt_tokens) - len(hits)
+        if not self.bm.can_allocate(need, hits):
+            raise OutOfBlocks(
+                f"a reservation of {need} new blocks ({len(hits)} prefix hits); "
+                f"{self.bm.num_free_blocks} free or evictable of {self.bm.num_blocks}"
+            )
+        self.bm.acquire(hits)
+        blocks = hits + self.bm.allocate(need)
+        # the hits are committed already: admission commits from the first written block on
+        req.num_committed_blocks = len(hits)
+        req.num_cached_tokens = len(hits) * self.block_size
+        self.reserved[req.request_id] = blocks
+        return KVReservation(tuple(blocks), len(hits))
 
     def cancel_reservation(self, request_id: str) -> bool:
         """Free a reservation; False when there is none (admitted or never made)."""
@@ -172,12 +187,7 @@ class Scheduler:
 
         Returns the chunk length, or None (nothing changed) when the blocks are not there.
         """
-        hits: list[int] = []
-        if self.config.enable_prefix_caching:
-            req.update_block_hashes(self.block_size)
-            # the last token is always computed: its logits give the next token
-            usable = (req.num_tokens - 1) // self.block_size
-            hits = self.bm.match_prefix(req.block_hashes[:usable])
+        hits = self._prefix_hits(req)
         num_cached = len(hits) * self.block_size
         n = min(req.num_tokens - num_cached, budget)
         need = self._blocks_for(num_cached + n) - len(hits)
@@ -191,6 +201,16 @@ class Scheduler:
             req.num_cached_tokens = num_cached
         req.status = RequestStatus.RUNNING
         return n
+
+    def _prefix_hits(self, req: Request) -> list[int]:
+        """Cached blocks holding a prefix of req.token_ids (not acquired yet). Mutates nothing
+        but req's block hashes."""
+        if not self.config.enable_prefix_caching:
+            return []
+        req.update_block_hashes(self.block_size)
+        # the last token is always computed: its logits give the next token
+        usable = (req.num_tokens - 1) // self.block_size
+        return self.bm.match_prefix(req.block_hashes[:usable])
 
     def _preempt(self, req: Request) -> None:
         """Recompute later: drop the blocks (their committed prefix stays cached) and requeue."""

@@ -1,5 +1,7 @@
 """PrefillWorker gRPC service: compute a prompt's KV, sample its first token, WRITE the KV
-into the decode worker's reserved blocks, then free our copy.
+into the decode worker's reserved blocks, then free our copy. Only the prompt blocks from
+PrefillRequest.first_kv_block on are written: the decode worker holds the ones before in its
+own prefix cache (this worker still computes whatever its own, separate cache lacks).
 
 The lease is claimed when the request arrives (ShardedSource.prepare), concurrently with the
 compute, so the write after prefill posts with no round trip; fencing is unchanged (a lease
@@ -55,6 +57,7 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
         try:
             params = SamplingParams(**sampling_kwargs(request.sampling))
             handle = _handle_from_proto(request.kv)
+            first_block = int(request.first_kv_block)  # the one conversion of the field
             self.source.route(handle)  # a decode worker of a TP we cannot feed: refused now
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -77,12 +80,14 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
             assert last is not None and last.finished
             holding = True  # from here on our blocks are pinned until release_kv
             prefill_s = time.monotonic() - start
-            held = last.held_block_ids
+            # the decode worker holds prompt blocks 0..first-1 already (its prefix cache):
+            # only blocks first.. are written, into handle.block_ids in order
+            held = last.held_block_ids[first_block:]
             problem = None
-            if len(held) != len(handle.block_ids):
+            if not held or len(held) != len(handle.block_ids):
                 problem = (
-                    f"the KV handle has {len(handle.block_ids)} blocks; "
-                    f"the prompt needs {len(held)}"
+                    f"the KV handle has {len(handle.block_ids)} blocks from prompt block "
+                    f"{first_block} on; the prompt has {len(last.held_block_ids)} blocks"
                 )
             else:
                 try:

@@ -497,8 +497,15 @@ class PrefillRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _builtins.int
     KV_FIELD_NUMBER: _builtins.int
     DEADLINE_UNIX_S_FIELD_NUMBER: _builtins.int
+    FIRST_KV_BLOCK_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     deadline_unix_s: _builtins.float
+    first_kv_block: _builtins.int
+    """The index of the first prompt block to write: the decode worker already holds blocks
+    0..first_kv_block-1 (its own prefix cache) and leased only the rest, so kv.block_ids[i]
+    receives prompt block first_kv_block + i. 0: the whole prompt. The prefill worker still
+    computes every block its own cache lacks; it only skips writing these.
+    """
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -517,10 +524,11 @@ class PrefillRequest(_message.Message):
         sampling: Global___SamplingParams | None = ...,
         kv: Global___KVHandle | None = ...,
         deadline_unix_s: _builtins.float = ...,
+        first_kv_block: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["kv", b"kv", "sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix_s", b"deadline_unix_s", "kv", b"kv", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix_s", b"deadline_unix_s", "first_kv_block", b"first_kv_block", "kv", b"kv", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -164,6 +164,11 @@ class WorkerMetrics:
             "tandem_worker_kv_transfer_bytes",
             "KV bytes written to decode workers (prefill) or landed from prefill workers (decode)",
         )
+        self.kv_reused_blocks = counter(
+            "tandem_worker_kv_reused_blocks",
+            "Decode: prompt blocks of remote prefills found in this worker's own prefix cache, "
+            "hence neither leased nor transferred (admitted requests only)",
+        )
         self.kv_transfer_s = histogram(
             "tandem_worker_kv_transfer_seconds",
             "Prefill: one request's KV write, send to completion (incl. the claim round trip)",
@@ -237,6 +242,9 @@ class WorkerMetrics:
     def kv_landed(self, num_bytes: int, wait_s: float) -> None:
         self.kv_bytes.inc(num_bytes)
         self.kv_wait_s.observe(wait_s)
+
+    def kv_reused(self, num_blocks: int) -> None:
+        self.kv_reused_blocks.inc(num_blocks)
 
     def remote_prefill_step(self, step: str, duration_s: float) -> None:
         self._remote_steps.labels(*self.labels.values(), step).observe(duration_s)

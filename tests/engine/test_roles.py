@@ -63,8 +63,8 @@ def test_prefill_then_decode_equals_single_engine(model_dir: Path, prompt_len: i
 def test_reservation_cancel_and_exhaustion(model_dir: Path) -> None:
     llm = LLM(str(model_dir), tokenizer=False, num_blocks=8, max_model_len=128)
     params = SamplingParams(max_tokens=4)
-    blocks = llm.engine.reserve_kv("a", list(range(3, 103)), params)  # 7 blocks of 16
-    assert len(blocks) == 7
+    reservation = llm.engine.reserve_kv("a", list(range(3, 103)), params)  # 7 blocks of 16
+    assert len(reservation.block_ids) == 7 and reservation.num_hit_blocks == 0
     with pytest.raises(OutOfBlocks):
         llm.engine.reserve_kv("b", list(range(3, 43)), params)
     with pytest.raises(ValueError, match="must be in"):  # refused before any block is taken
@@ -76,23 +76,74 @@ def test_reservation_cancel_and_exhaustion(model_dir: Path) -> None:
     llm.engine.check_integrity()
 
 
-def test_prompt_hashed_ahead_of_admission(model_dir: Path) -> None:
-    """The decode worker hashes a reserved prompt while its KV is in flight; admission then
-    commits the same hashes a local prefill would (a later identical prompt hits them)."""
+def test_prompt_hashed_at_reservation(model_dir: Path) -> None:
+    """reserve_kv hashes the prompt (to match the prefix cache); admission then commits the
+    same hashes a local prefill would (a later identical prompt hits them)."""
     llm = LLM(str(model_dir), tokenizer=False, num_blocks=64)
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     prompt = list(range(9, 49))  # 2 full blocks of 16 + 8 tokens
     llm.engine.reserve_kv("r", prompt, params)
-    assert llm.engine.awaiting_kv["r"].block_hashes == []
-    llm.engine.hash_awaiting_prompt("r")
     assert len(llm.engine.awaiting_kv["r"].block_hashes) == 2
-    llm.engine.hash_awaiting_prompt("gone")  # cancelled or admitted meanwhile: nothing to do
     llm.engine.admit_prefilled("r", 7)
     assert not llm.engine.awaiting_kv
     while llm.engine.has_unfinished():
         llm.engine.step()
     llm.engine.check_integrity()
     assert llm.engine.block_manager.num_cached_blocks == 2
+
+
+def test_reservation_reuses_the_prefix_cache(model_dir: Path) -> None:
+    """A second turn's reservation takes the first turn's full blocks from the prefix cache
+    (never the last prompt token's block); only the rest is written from elsewhere. Output
+    equals one engine's; cancelling a reservation with hits frees hits and new blocks once."""
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    turn1 = list(range(9, 49))  # 2 full blocks + 8
+    prefill = LLM(str(model_dir), tokenizer=False, num_blocks=64)
+    decode = LLM(str(model_dir), tokenizer=False, num_blocks=64)
+
+    def remote(rid: str, prompt: list[int]) -> list[int]:
+        first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        prefill.engine.add_request(rid, prompt, first, hold_kv_on_finish=True)
+        (out,) = _drain(prefill)
+        reservation = decode.engine.reserve_kv(rid, prompt, params)
+        decode.engine.check_integrity()
+        held = list(out.held_block_ids)[reservation.num_hit_blocks :]
+        decode.engine.runner.kv_cache.write_blocks(
+            list(reservation.write_block_ids), prefill.engine.runner.kv_cache.read_blocks(held)
+        )
+        prefill.engine.release_kv(rid)
+        outs = decode.engine.admit_prefilled(rid, out.new_token_ids[0]) + _drain(decode)
+        assert outs[-1].num_cached_tokens == reservation.num_hit_blocks * 16
+        return [t for o in outs for t in o.new_token_ids]
+
+    answer = remote("t1", turn1)
+    turn2 = turn1 + answer + list(range(300, 330))  # 76 tokens: 4 full blocks + 12
+    reservation = decode.engine.reserve_kv("x", turn2, params)
+    # turn 1's 2 prompt blocks + the block its answer completed (the answer's last token,
+    # never computed on the decode side, falls in block 2: 40 + 6 = 46 < 48)
+    assert reservation.num_hit_blocks == 2
+    assert decode.engine.block_manager.num_used_blocks == 5
+    decode.engine.check_integrity()
+    assert decode.engine.cancel_kv_reservation("x")
+    decode.engine.check_integrity()
+    assert decode.engine.block_manager.num_used_blocks == 0
+    assert decode.engine.block_manager.num_cached_blocks >= 2  # the hits stay cached
+
+    got = remote("t2", turn2)
+    (single,) = LLM(
+        str(model_dir), tokenizer=False, num_blocks=64, enable_prefix_caching=False
+    ).generate([turn2], params)
+    assert got == single.outputs[0].token_ids
+    decode.engine.check_integrity()
+    assert decode.engine.block_manager.num_used_blocks == 0
+
+    full = list(range(9, 41))  # exactly 2 full blocks: the last token's block is written
+    decode.engine.add_request("warm", [*full, 5], params)
+    _drain(decode)
+    assert decode.engine.reserve_kv("y", full, params).num_hit_blocks == 1
+    decode.engine.cancel_kv_reservation("y")
+    decode.engine.check_integrity()
+    assert decode.engine.block_manager.num_used_blocks == 0
 
 
 def test_abort_frees_blocks_mid_generation(model_dir: Path) -> None:

@@ -38,7 +38,10 @@ OUTPUT_TOKENS = sum(n for _, n, _ in SCRIPT)  # 15
 CACHED = 32  # the third request finds PROMPT_A's 2 full blocks (never its last token)
 PREFILL_TOKENS = PROMPT_TOKENS - CACHED  # 68
 DECODE_TOKENS = sum(n - 1 for _, n, _ in SCRIPT)  # 12: the first token comes from the prefill
-KV_BYTES = sum(-(-len(p) // BLOCK_SIZE) for p, _, _ in SCRIPT) * BLOCK_BYTES  # 8 blocks
+# disagg: 8 prompt blocks, of which the third request's 2 full ones are in the decode worker's
+# own prefix cache (from the first request): reused there, not transferred
+REUSED_BLOCKS = CACHED // BLOCK_SIZE
+KV_BYTES = (sum(-(-len(p) // BLOCK_SIZE) for p, _, _ in SCRIPT) - REUSED_BLOCKS) * BLOCK_BYTES
 
 
 @pytest.fixture(scope="module", params=["collocated", "disagg"])
@@ -153,7 +156,7 @@ def test_counters_equal_the_ground_truth(cluster: LocalCluster) -> None:
     assert value(d, "tandem_worker_requests_waiting") == 0
     assert value(d, "tandem_worker_kv_blocks_used") == 0
     assert value(d, "tandem_worker_kv_blocks_capacity") == 512
-    # usage.cached_tokens comes from whichever worker computed the prompt
+    # usage.cached_tokens: the longer of the prefill and decode workers' prefix hits
     assert value(r, "tandem_router_cached_prompt_tokens_total") == CACHED
     if mode == "collocated":
         # the decode worker prefills too: one step per prompt, then one per decode token
@@ -167,6 +170,7 @@ def test_counters_equal_the_ground_truth(cluster: LocalCluster) -> None:
         assert value(d, "tandem_worker_prefix_cache_queries_total") == 0
         assert value(d, "tandem_worker_request_queue_time_seconds_count") == 0
         assert value(d, "tandem_worker_kv_transfer_bytes_total") == KV_BYTES
+        assert value(d, "tandem_worker_kv_reused_blocks_total") == REUSED_BLOCKS
         assert value(d, "tandem_worker_kv_wait_seconds_count") == NUM
         assert value(p, "tandem_worker_requests_total", outcome="ok", role="prefill") == NUM
         assert value(p, "tandem_worker_request_duration_seconds_count") == NUM

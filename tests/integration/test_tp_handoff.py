@@ -5,6 +5,9 @@ loopback), a tiny random Llama (2 kv heads: one per rank at TP=2):
   (b) a TP=2 prefill worker feeding a TP=2 decode worker (each rank ships its own heads),
   (c) a TP=2 prefill worker refused by a TP=1 decode worker (it prefills locally, counted),
 
+(a) and (b) also with the decode worker's own prefix-cache hits: only the blocks after them
+are written (head-sliced or rank to rank),
+
 all with the greedy tokens of a TP=1 1P1D run; then streams cancelled at random points leave no
 used block on any worker and no open lease on any rank (later hand-offs reuse every block); and a
 TP worker lives and dies as one unit.
@@ -113,6 +116,7 @@ def _audit(child: Child, role: str) -> pb.BlockAudit:
 
 FALLBACKS = "tandem_worker_remote_prefill_fallbacks_total"
 KV_BYTES = "tandem_worker_kv_transfer_bytes_total"
+REUSED = "tandem_worker_kv_reused_blocks_total"
 
 
 def test_tp_pairs_give_the_tokens_of_tp1(workers: dict[str, Child]) -> None:
@@ -125,7 +129,16 @@ def test_tp_pairs_give_the_tokens_of_tp1(workers: dict[str, Child]) -> None:
     block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # layers x k|v x tokens x kv heads x head_dim x fp32
     blocks = sum(-(-len(p) // 16) for p in PROMPTS)
     assert _metric(p1, "prefill", KV_BYTES) - sent_before == blocks * block_bytes
+    # d2 now holds the full prompt blocks of (a) in its prefix cache: a repeat reuses them
+    # there (never the last prompt token's block) and only the rest travel, on both paths
+    hits = sum((len(p) - 1) // 16 for p in PROMPTS)
+    reused_before, sent_before = _metric(d2, "decode", REUSED), _metric(p2, "prefill", KV_BYTES)
     assert asyncio.run(_generate(d2, p2, "b")) == want  # (b) TP=2 -> TP=2, rank to rank
+    assert _metric(d2, "decode", REUSED) - reused_before == hits
+    assert _metric(p2, "prefill", KV_BYTES) - sent_before == (blocks - hits) * block_bytes
+    sent_before = _metric(p1, "prefill", KV_BYTES)
+    assert asyncio.run(_generate(d2, p1, "a2")) == want  # (a) again: head-sliced tail only
+    assert _metric(p1, "prefill", KV_BYTES) - sent_before == (blocks - hits) * block_bytes
     assert _metric(d2, "decode", FALLBACKS) == 0
     assert asyncio.run(_generate(d1, p2, "c")) == want  # (c) refused, computed locally
     assert _metric(d1, "decode", FALLBACKS) == len(PROMPTS)
