@@ -43,6 +43,9 @@ def test_pauses_are_timed_by_generation_while_installed() -> None:
 def test_freeze_moves_the_live_heap_out_of_collections() -> None:
     try:
         frozen = freeze_startup_heap()
-        assert frozen == gc.get_freeze_count() > 1000
+        # not equal to a later get_freeze_count(): a frozen object freed by refcount meanwhile
+        # (a temporary, another thread's garbage) leaves the permanent generation
+        assert frozen > 1000
+        assert 0 < gc.get_freeze_count() <= frozen + 1000
     finally:
         gc.unfreeze()  # the test process goes on collecting its own garbage
