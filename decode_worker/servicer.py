@@ -84,7 +84,7 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         self.sink = sink
         self.lease_s = lease_s  # how long reserved blocks wait for the prefill worker's KV
         self.prefill_clients = PrefillClients(tls)
-        # _release_after_fence in progress
+        # _release_after_fence / hash_awaiting_prompt in progress
         self._releases: set[asyncio.Task[None]] = set()
 
     async def Generate(
@@ -192,6 +192,10 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         try:
             reserved = await asyncio.shield(reservation)
             clock.lap("reserve")
+            # queued behind the reservation, run by the engine thread while the lease and the
+            # Prefill RPC go on: the prompt's block hashes past the first miss, so that
+            # admission need not
+            self._background(self.engine.call(lambda e: e.hash_awaiting_prompt(rid)))
             # only the blocks our prefix cache lacks are leased and written (the hits are ours,
             # read only: no remote write may touch them)
             handle = await asyncio.shield(

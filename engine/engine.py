@@ -118,9 +118,10 @@ class Engine:
         """Decode role: blocks for a prompt whose KV someone else writes (ValueError for a
         request this engine would refuse, OutOfBlocks). The prompt's full blocks found in
         this engine's prefix cache are reused (KVReservation.num_hit_blocks): only the rest
-        is written from elsewhere. The request is built and its blocks hashed now, while its
-        KV is still being computed elsewhere; admit_prefilled only appends the first token
-        and runs it.
+        is written from elsewhere. The request is built now, while its KV is still being
+        computed elsewhere, its blocks hashed up to the first miss (hash_awaiting_prompt
+        hashes the rest, a separate command off the critical path); admit_prefilled only
+        appends the first token and runs it.
 
         Waits for a step in flight first: it may still write a block freed meanwhile (see the
         module doc), and the remote write must land after it."""
@@ -133,6 +134,14 @@ class Engine:
         req.status = RequestStatus.WAITING_FOR_KV
         self.awaiting_kv[request_id] = req
         return reservation
+
+    def hash_awaiting_prompt(self, request_id: str) -> None:
+        """Decode role: hash the full prompt blocks of a request reserve_kv built, so that
+        admission need not (~0.3-0.8 ms for 3,000 tokens). A no-op when the reservation is
+        gone (cancelled or admitted meanwhile: admission hashes what is missing itself)."""
+        req = self.awaiting_kv.get(request_id)
+        if req is not None and self.config.enable_prefix_caching:
+            req.update_block_hashes(self.config.block_size)
 
     def cancel_kv_reservation(self, request_id: str) -> bool:
         """Decode role: give reserved blocks back; False when there are none (the request was

@@ -89,8 +89,11 @@ class Request:
 
     def update_block_hashes(self, block_size: int) -> None:
         """Extend block_hashes to cover every full block of token_ids (chained)."""
-        num_full = len(self.token_ids) // block_size
-        while len(self.block_hashes) < num_full:
+        self.hash_blocks(block_size, len(self.token_ids) // block_size)
+
+    def hash_blocks(self, block_size: int, num_blocks: int) -> None:
+        """Extend block_hashes to the first `num_blocks` blocks (all full: the caller's bound)."""
+        while len(self.block_hashes) < num_blocks:
             i = len(self.block_hashes)
             parent = self.block_hashes[-1] if self.block_hashes else None
             chunk = self.token_ids[i * block_size : (i + 1) * block_size]

@@ -77,12 +77,15 @@ def test_reservation_cancel_and_exhaustion(model_dir: Path) -> None:
 
 
 def test_prompt_hashed_at_reservation(model_dir: Path) -> None:
-    """reserve_kv hashes the prompt (to match the prefix cache); admission then commits the
-    same hashes a local prefill would (a later identical prompt hits them)."""
+    """reserve_kv hashes the prompt up to its first prefix-cache miss (on the critical path),
+    hash_awaiting_prompt the rest (off it); admission then commits the same hashes a local
+    prefill would (a later identical prompt hits them)."""
     llm = LLM(str(model_dir), tokenizer=False, num_blocks=64)
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     prompt = list(range(9, 49))  # 2 full blocks of 16 + 8 tokens
     llm.engine.reserve_kv("r", prompt, params)
+    assert len(llm.engine.awaiting_kv["r"].block_hashes) == 1  # the first block missed
+    llm.engine.hash_awaiting_prompt("r")
     assert len(llm.engine.awaiting_kv["r"].block_hashes) == 2
     llm.engine.admit_prefilled("r", 7)
     assert not llm.engine.awaiting_kv
