@@ -15,9 +15,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from deploy.local_cluster import Child, spawn, stop_children, wait_ready
+from deploy.local_cluster import Child
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
+from tests.integration.worker_pair import prefill_decode_pair
 
 pytestmark = pytest.mark.slow
 
@@ -28,18 +29,8 @@ PER_ROUND = 12
 
 @pytest.fixture(scope="module")
 def workers(tiny_chat_model_dir: Path) -> Iterator[dict[str, Child]]:
-    args = ["--model", str(tiny_chat_model_dir), "--port", "0", "--num-blocks", str(NUM_BLOCKS),
-            "--max-model-len", "512", "--block-size", "16"]  # fmt: skip
-    children = {
-        "prefill": spawn("prefill-0", "prefill_worker", [*args, "--worker-id", "prefill-0"]),
-        "decode": spawn("decode-0", "decode_worker", [*args, "--worker-id", "decode-0"]),
-    }
-    try:
-        for child in children.values():
-            wait_ready(child, 180)
+    with prefill_decode_pair(tiny_chat_model_dir, NUM_BLOCKS, 16) as children:
         yield children
-    finally:
-        stop_children(list(children.values()))
 
 
 async def cancelled_streams(decode: str, prefill: str) -> tuple[int, int]:

@@ -16,10 +16,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.local_cluster import Child, spawn, stop_children, wait_ready
+from deploy.local_cluster import Child
 from engine import LLM, SamplingParams
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
+from tests.integration.worker_pair import prefill_decode_pair
 
 NUM_BLOCKS = 128
 BLOCK_SIZE = 16
@@ -34,18 +35,8 @@ SAMPLING = {"max_tokens": ANSWER_TOKENS, "temperature": 0.0, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def workers(tiny_chat_model_dir: Path) -> Iterator[dict[str, Child]]:
-    args = ["--model", str(tiny_chat_model_dir), "--port", "0", "--num-blocks", str(NUM_BLOCKS),
-            "--max-model-len", "512", "--block-size", str(BLOCK_SIZE)]  # fmt: skip
-    children = {
-        "prefill": spawn("prefill-0", "prefill_worker", [*args, "--worker-id", "prefill-0"]),
-        "decode": spawn("decode-0", "decode_worker", [*args, "--worker-id", "decode-0"]),
-    }
-    try:
-        for child in children.values():
-            wait_ready(child, 180)
+    with prefill_decode_pair(tiny_chat_model_dir, NUM_BLOCKS, BLOCK_SIZE) as children:
         yield children
-    finally:
-        stop_children(list(children.values()))
 
 
 def _request(rid: str, prompt: list[int], prefill_address: str | None) -> pb.GenerateRequest:
