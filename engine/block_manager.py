@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -98,8 +98,9 @@ class BlockManager:
         """Fraction of the pool in use, 0.0 to 1.0."""
         return self.num_used_blocks / self.num_blocks
 
-    def match_prefix(self, block_hashes: Sequence[int]) -> list[int]:
-        """Block ids for the longest cached run block_hashes[0..k). Mutates nothing.
+    def match_prefix(self, block_hashes: Iterable[int]) -> list[int]:
+        """Block ids for the longest cached run block_hashes[0..k); reads the hashes in order
+        and no further than the first miss (a lazy iterable is hashed that far). Mutates nothing.
 
         The hits stay evictable until acquire(): call can_allocate/acquire before any allocate.
         """

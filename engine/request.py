@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
@@ -90,6 +91,14 @@ class Request:
     def update_block_hashes(self, block_size: int) -> None:
         """Extend block_hashes to cover every full block of token_ids (chained)."""
         self.hash_blocks(block_size, len(self.token_ids) // block_size)
+
+    def lazy_block_hashes(self, block_size: int, num_blocks: int) -> Iterator[int]:
+        """block_hashes[0..num_blocks) (all full blocks: the caller's bound), each hashed (and
+        kept) only when the consumer reaches it: a prefix match that stops at its first miss
+        hashes that far and no further."""
+        for i in range(num_blocks):
+            self.hash_blocks(block_size, i + 1)
+            yield self.block_hashes[i]
 
     def hash_blocks(self, block_size: int, num_blocks: int) -> None:
         """Extend block_hashes to the first `num_blocks` blocks (all full: the caller's bound)."""

@@ -73,7 +73,7 @@ class Scheduler:
         """
         if req.request_id in self.reserved or req.request_id in self.requests:
             raise ValueError(f"request {req.request_id!r} already exists")
-        hits = self._reservation_hits(req)
+        hits = self._prefix_hits(req)
         need = self._blocks_for(req.num_prompt_tokens) - len(hits)
         if not self.bm.can_allocate(need, hits):
             raise OutOfBlocks(
@@ -204,31 +204,15 @@ class Scheduler:
 
     def _prefix_hits(self, req: Request) -> list[int]:
         """Cached blocks holding a prefix of req.token_ids (not acquired yet). Mutates nothing
-        but req's block hashes."""
+        but req's block hashes, computed up to the first miss only (cost ~ hits + 1 blocks;
+        a fresh 3,000-token prompt hashed whole costs ~0.3-0.8 ms, on a remote prefill's
+        critical path in reserve): the rest are hashed when its blocks are committed, or by
+        Engine.hash_awaiting_prompt while a reservation waits for its KV."""
         if not self.config.enable_prefix_caching:
             return []
-        req.update_block_hashes(self.block_size)
         # the last token is always computed: its logits give the next token
         usable = (req.num_tokens - 1) // self.block_size
-        return self.bm.match_prefix(req.block_hashes[:usable])
-
-    def _reservation_hits(self, req: Request) -> list[int]:
-        """_prefix_hits for a reservation, on the remote prefill's critical path: hashes block
-        by block up to the first miss (cost ~ hits + 1 blocks; a fresh 3,000-token prompt would
-        cost ~0.3-0.8 ms hashed whole), the rest is hashed off that path
-        (Engine.hash_awaiting_prompt). Mutates nothing but req's block hashes."""
-        if not self.config.enable_prefix_caching:
-            return []
-        usable = (req.num_tokens - 1) // self.block_size
-        hits: list[int] = []
-        while len(hits) < usable:
-            i = len(hits)
-            req.hash_blocks(self.block_size, i + 1)
-            hit = self.bm.match_prefix(req.block_hashes[i : i + 1])
-            if not hit:
-                break
-            hits.extend(hit)
-        return hits
+        return self.bm.match_prefix(req.lazy_block_hashes(self.block_size, usable))
 
     def _preempt(self, req: Request) -> None:
         """Recompute later: drop the blocks (their committed prefix stays cached) and requeue."""
