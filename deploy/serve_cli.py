@@ -70,7 +70,7 @@ def add_parsers(sub: Any, model_dir: Any) -> None:
     )  # fmt: skip
     serve.add_argument(
         "--local-prefill-max-tokens", type=int, default=None,
-        help="router, --mode auto: prefill on the decode worker up to this many uncached "
+        help="router, --mode auto: prefill on an idle decode worker up to this many uncached "
         "tokens (default: the router's, 256)",
     )  # fmt: skip
     serve.add_argument(

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--local-prefill-max-tokens", type=int, default=256,
-        help="auto mode: prefill on the decode worker up to this many uncached tokens",
+        help="auto mode: prefill on an idle decode worker up to this many uncached tokens",
     )  # fmt: skip
     p.add_argument(
         "--prefill-budget-s", type=float, default=0.5,

@@ -47,7 +47,8 @@ class PolicyConfig:
     # Weight of prefill work (blocks still to compute) against decode KV (blocks held), as in
     # Dynamo's `overlap_score_weight`-style cost; 1.0 counts a block to prefill like a block held.
     prefill_weight: float = 1.0
-    # auto mode: prefill on the decode worker when at most this many prompt tokens are uncached.
+    # auto mode: prefill on the decode worker when at most this many prompt tokens are uncached
+    # there and it runs no other request (a local prefill stretches its running requests' step).
     local_prefill_max_tokens: int = 256
     # auto mode, a prompt with more uncached tokens: it goes to the prefill worker while that
     # worker's estimated time to prefill it (its queued uncached tokens, then this prompt's, at

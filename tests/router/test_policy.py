@@ -135,11 +135,30 @@ def test_collocated_prefers_the_decode_worker_holding_the_prefix() -> None:
 def test_auto_prefills_short_uncached_prompts_locally() -> None:
     workers = [decode("d0"), prefill("p0")]
     short = route(req(60), workers, Mode.AUTO, CFG)
-    assert not short.remote_prefill and "uncached 60 <= 64" in short.reason
+    assert not short.remote_prefill and "uncached 60 <= 64 tokens, d0 idle" in short.reason
     assert short.cause is RouteCause.FEW_UNCACHED
     # long, but the decode worker caches all but 40 tokens of it: still local
     cached = route(req(1000, d0=60), workers, Mode.AUTO, CFG)
     assert not cached.remote_prefill and cached.uncached_tokens == 40
+
+
+def test_auto_sends_short_prompts_remote_while_the_decode_worker_runs_requests() -> None:
+    # A local prefill would stretch a step of the 3 running requests; the prefill worker is idle.
+    workers = [decode("d0", num_inflight=3), prefill("p0", prefill_tokens_per_s=1e4)]
+    d = route(req(60), workers, Mode.AUTO, CFG)
+    assert d.prefill_worker_id == "p0" and d.cause is RouteCause.DECODE_BUSY
+    assert "uncached 60 <= 64 tokens, d0 runs 3 requests; p0 idle" in d.reason
+    # within budget: still remote
+    p0 = prefill("p0", inflight_prefill_tokens=1000, prefill_tokens_per_s=1e4)
+    d = route(req(60), [workers[0], p0], Mode.AUTO, CFG)
+    assert d.remote_prefill and d.cause is RouteCause.DECODE_BUSY
+    # prefill worker over budget and the decode worker sooner: local after all
+    slow = prefill("p0", inflight_prefill_tokens=10_000, prefill_tokens_per_s=1e4)
+    d = route(req(60), [workers[0], slow], Mode.AUTO, CFG)
+    assert not d.remote_prefill and d.cause is RouteCause.PREFILL_SATURATED
+    # no prefill worker: local
+    d = route(req(60), [workers[0]], Mode.AUTO, CFG)
+    assert not d.remote_prefill and d.cause is RouteCause.NO_PREFILL_WORKER
 
 
 def test_auto_sends_long_uncached_prompts_to_the_prefill_pool() -> None:
