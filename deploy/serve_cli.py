@@ -158,6 +158,7 @@ def _worker_args(args: argparse.Namespace) -> tuple[str, ...]:
         "--block-size", str(args.block_size), "--kv-cache-gib", str(args.kv_cache_gib),
         "--max-num-batched-tokens", str(args.max_num_batched_tokens),
         "--max-num-seqs", str(args.max_num_seqs), "--engine-seed", str(args.engine_seed),
+        "--numerics", args.numerics,
     ]  # fmt: skip
     if args.max_model_len is not None:
         out += ["--max-model-len", str(args.max_model_len)]

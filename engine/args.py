@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EngineConfig, ModelConfig
+from engine.config import NUMERICS, EngineConfig, ModelConfig
 from engine.kv_layout import DTYPE_BYTES
 
 GiB = 1 << 30
@@ -39,6 +39,8 @@ class EngineArgs:
     # is the device: nothing to overlap with)
     async_scheduling: bool | None = None
     tp_invariant_shards: int | None = None  # bit-identical logits for every TP dividing it
+    # "fast" | "reference" (EngineConfig.numerics); reference turns CUDA graphs off itself
+    numerics: str = "fast"
 
     def resolve(self) -> EngineConfig:
         model_dir = Path(self.model).expanduser()
@@ -73,9 +75,11 @@ class EngineArgs:
             enable_prefix_caching=self.enable_prefix_caching,
             seed=self.seed,
             num_threads=self.num_threads or (max(1, (os.cpu_count() or 1) - 1)),
-            enforce_eager=self.enforce_eager,
+            # reference numerics: no CUDA graphs (a documented part of the mode, not a fallback)
+            enforce_eager=self.enforce_eager or self.numerics == "reference",
             tensor_parallel_size=self.tensor_parallel_size,
             tp_invariant_shards=self.tp_invariant_shards,
+            numerics=self.numerics,
             async_scheduling=(
                 device.startswith("cuda")
                 if self.async_scheduling is None
@@ -116,6 +120,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="deterministic tensor parallelism: every TP size dividing S computes bit-identical "
         "logits (each rank runs S / TP virtual shards; slower); default off",
     )  # fmt: skip
+    p.add_argument(
+        "--numerics", default="fast", choices=NUMERICS,
+        help="fast: the engine's own kernels (default). reference: transformers' op sequence "
+        "and attention calls (torch SDPA per request over K/V gathered from the paged pool, "
+        "torch RMSNorm/RoPE/SiLU, cuBLAS linears), for output that matches transformers token "
+        "for token; implies --enforce-eager (no CUDA graphs) and no batch-1 GEMV path, one "
+        "rank only (no tensor parallelism); several times slower at decode",
+    )  # fmt: skip
 
 
 def engine_args_from(ns: argparse.Namespace, model_dir: str) -> EngineArgs:
@@ -137,4 +149,5 @@ def engine_args_from(ns: argparse.Namespace, model_dir: str) -> EngineArgs:
         async_scheduling=False if ns.no_async_scheduling else None,
         tensor_parallel_size=ns.tensor_parallel_size,
         tp_invariant_shards=ns.tp_invariant_shards,
+        numerics=ns.numerics,
     )

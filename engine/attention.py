@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from engine import cpu_kernels
 from engine.gpu_attention import GpuAttentionMetadata, attend
+from engine.reference_attention import ReferenceAttentionMetadata, reference_attention
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,11 @@ class AttentionMetadata:
     prefill_bounds: torch.Tensor | None = None  # [S, 3] long: (start, tokens, num_computed)
 
 
+# What one step's forward carries to every layer: the torch/CPU metadata above, the Triton
+# kernels' (engine/gpu_attention.py) or reference numerics' (engine/reference_attention.py)
+StepAttention = AttentionMetadata | GpuAttentionMetadata | ReferenceAttentionMetadata
+
+
 def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     """cache [NB, bs, H, D], block_table [..., nb] -> [..., H, nb * bs, D] (a copy).
 
@@ -68,7 +74,7 @@ def paged_attention(
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    meta: AttentionMetadata | GpuAttentionMetadata,
+    meta: StepAttention,
 ) -> torch.Tensor:
     """q [N, Hq, D], k/v [N, Hk, D] for the step's new tokens -> output [N, Hq, D].
 
@@ -76,6 +82,8 @@ def paged_attention(
     """
     if isinstance(meta, GpuAttentionMetadata):  # CUDA: Triton kernels on the pool in place
         return attend(q, k, v, k_cache, v_cache, meta)
+    if isinstance(meta, ReferenceAttentionMetadata):  # numerics="reference", any device
+        return reference_attention(q, k, v, k_cache, v_cache, meta)
     if meta.decode_kernel:
         cpu_kernels.kv_write(k, v, k_cache, v_cache, meta.slot_blocks, meta.slot_offsets)
     else:

@@ -16,6 +16,10 @@ SUPPORTED_ARCHITECTURES = frozenset(
     {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 )
 DTYPES = ("float32", "bfloat16", "float16")
+# EngineConfig.numerics: "fast", the engine's own kernels (Triton attention/norms, CUDA graphs, the
+# batch-1 GEMV path on CUDA; C kernels and prepacked linears on CPU); "reference", transformers'
+# own op sequence and attention calls (engine/reference_runner.py): slower, for parity checks
+NUMERICS = ("fast", "reference")
 
 
 def check_invariant_shards(
@@ -37,6 +41,26 @@ def check_invariant_shards(
     ):
         if n % shards:
             raise ValueError(f"{name}={n} is not divisible by tp_invariant_shards={shards}")
+
+
+def _check_reference(config: EngineConfig) -> None:
+    """Reference numerics (engine/reference_runner.py) computes transformers' function on one
+    rank with its op sequence; options that would change that are refused, never ignored."""
+    if config.tensor_parallel_size != 1:
+        raise ValueError(
+            f"numerics='reference' runs on one rank (transformers' unsharded sums), got "
+            f"tensor_parallel_size={config.tensor_parallel_size}"
+        )
+    if config.tp_invariant_shards is not None:
+        raise ValueError(
+            "numerics='reference' and tp_invariant_shards exclude each other: reference mode "
+            "runs the unsharded projections"
+        )
+    if not config.enforce_eager:
+        raise ValueError(
+            "numerics='reference' runs without CUDA graphs: set enforce_eager=True "
+            "(EngineArgs and --numerics reference do so)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,10 +175,17 @@ class EngineConfig:
     # logits differ between TP sizes in the last bits); S: every rank computes its S / TP
     # virtual shards as a TP=S rank would, so any TP dividing S gives bit-identical logits
     tp_invariant_shards: int | None = None
+    # "fast" | "reference": see NUMERICS. Reference mode runs one rank, no CUDA graphs
+    # (enforce_eager must be True; EngineArgs.resolve sets it) and no TP-invariant shards
+    numerics: str = "fast"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {NUMERICS}, got {self.numerics!r}")
+        if self.numerics == "reference":
+            _check_reference(self)
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"load_format must be safetensors or dummy, got {self.load_format!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -29,6 +29,7 @@ from engine.kv_reservation import KVReservation
 from engine.model_runner import LaunchedStep, ModelRunner
 from engine.outputs import RequestOutput
 from engine.plan import StepPlan, StepResult, TokenLogprob
+from engine.reference_runner import ReferenceModelRunner
 from engine.request import FinishReason, Request, RequestStatus
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -45,12 +46,20 @@ class InFlight:
     launched: LaunchedStep
 
 
+def runner_class(config: EngineConfig) -> type[ModelRunner]:
+    """The model runner for the config's numerics and device."""
+    if config.numerics == "reference":
+        return ReferenceModelRunner
+    return GpuModelRunner if config.device.startswith("cuda") else ModelRunner
+
+
 class Engine:
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
-        runner_cls = GpuModelRunner if config.device.startswith("cuda") else ModelRunner
-        self.runner = runner_cls(config, tokenizer.vocab_size if tokenizer is not None else None)
+        self.runner = runner_class(config)(
+            config, tokenizer.vocab_size if tokenizer is not None else None
+        )
         self.block_manager = BlockManager(
             config.num_blocks, config.block_size, config.enable_prefix_caching
         )

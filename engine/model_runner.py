@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from engine import cpu_kernels, cpu_layers, cpu_linear, cpu_memory
-from engine.attention import AttentionMetadata, PrefillSpan
+from engine.attention import AttentionMetadata, PrefillSpan, StepAttention
 from engine.config import EngineConfig
 from engine.kv_cache import TORCH_DTYPES, KVCache
 from engine.kv_layout import KVLayout
@@ -85,17 +85,7 @@ class ModelRunner:
             )
         elif self.tp.world_size > 1:
             shard_model(self.model, self.tp)
-        if cpu_linear.supported(self.device, dtype):
-            cpu_linear.pack_linears(self.model)
-            if self.model.lm_head is None:  # tied: a packed copy of the embedding for logits
-                self.model.lm_head = cpu_linear.PackedLinear(self.model.embed_tokens.weight, None)
-        # CPU float32: the C kernels (built now, so a missing compiler fails at start) for decode
-        # attention and the elementwise blocks; every other device/dtype runs torch ops and
-        # gather + SDPA decode attention.
-        self.decode_kernel = self.device.type == "cpu" and dtype == torch.float32
-        if self.decode_kernel:
-            cpu_kernels.library()
-            cpu_layers.use_cpu_kernels(self.model)
+        self.decode_kernel = self._adapt_model(dtype)
         self.kv_cache = KVCache(kv_layout_for_rank(kv_layout_for(config), self.tp), self.device)
         self.sampler = Sampler(config.model.vocab_size, self.device, config.seed, num_valid_tokens)
         # the token ids the latest launch sampled (on the device) and each sampling request's
@@ -104,6 +94,23 @@ class ModelRunner:
             torch.zeros(0, dtype=torch.long, device=self.device),
             {},
         )
+
+    def _adapt_model(self, dtype: torch.dtype) -> bool:
+        """Swap the loaded (and sharded) model's blocks for the device's fast ones; returns
+        whether the CPU C kernels run attention (AttentionMetadata.decode_kernel).
+        engine/reference_runner.py overrides it with transformers' op sequence."""
+        if cpu_linear.supported(self.device, dtype):
+            cpu_linear.pack_linears(self.model)
+            if self.model.lm_head is None:  # tied: a packed copy of the embedding for logits
+                self.model.lm_head = cpu_linear.PackedLinear(self.model.embed_tokens.weight, None)
+        # CPU float32: the C kernels (built now, so a missing compiler fails at start) for decode
+        # attention and the elementwise blocks; every other device/dtype runs torch ops and
+        # gather + SDPA decode attention.
+        decode_kernel = self.device.type == "cpu" and dtype == torch.float32
+        if decode_kernel:
+            cpu_kernels.library()
+            cpu_layers.use_cpu_kernels(self.model)
+        return decode_kernel
 
     def execute(self, plan: StepPlan) -> StepResult:
         return self.collect(self.launch(plan))
@@ -206,7 +213,7 @@ class ModelRunner:
 
     def _prepare(
         self, plan: StepPlan
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, StepAttention, torch.Tensor]:
         bs = self.config.block_size
         input_ids: list[int] = []
         positions: list[int] = []

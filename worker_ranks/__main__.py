@@ -18,8 +18,7 @@ import threading
 import torch.distributed as dist
 
 from engine.args import add_engine_args, engine_args_from
-from engine.gpu_runner import GpuModelRunner
-from engine.model_runner import ModelRunner
+from engine.engine import runner_class
 from kv_transfer import registry
 from kv_transfer.base import KVSink, KVSource
 from kv_transfer.rank_channel import serve_rank
@@ -65,8 +64,7 @@ def main() -> None:
         raise SystemExit("worker_ranks: --model is required")
     config = init_rank(engine_args_from(ens, ens.model).resolve(), ns.rank, ns.init_file)
     try:
-        runner_cls = GpuModelRunner if config.device.startswith("cuda") else ModelRunner
-        runner = runner_cls(config)
+        runner = runner_class(config)(config)
         name = agent_name(ns.worker_id, ns.rank)
         endpoint: KVSink | KVSource
         if ns.role == "decode":

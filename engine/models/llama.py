@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.attention import AttentionMetadata, paged_attention
+from engine.attention import StepAttention, paged_attention
 from engine.config import ModelConfig
 from engine.gpu_attention import GpuAttentionMetadata, attend_stored
 from engine.kv_cache import KVCache
@@ -43,7 +43,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
-        meta: AttentionMetadata | GpuAttentionMetadata,
+        meta: StepAttention,
         kv: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         n = x.shape[0]
@@ -105,7 +105,7 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
-        meta: AttentionMetadata | GpuAttentionMetadata,
+        meta: StepAttention,
         kv: tuple[torch.Tensor, torch.Tensor],
         residual: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +162,7 @@ class CausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        meta: AttentionMetadata | GpuAttentionMetadata,
+        meta: StepAttention,
         kv_cache: KVCache,
     ) -> torch.Tensor:
         """input_ids, positions: [N] -> final hidden states [N, hidden]."""
