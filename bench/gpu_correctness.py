@@ -17,9 +17,13 @@ For each dtype (bf16, fp32):
   - for every agreement figure, beside the strict one: the tie-aware agreement (our top-1 among
     transformers' exactly tied maxima) and where the disagreements sit in transformers' bf16
     ulps (bench/agreement.py).
+Each of the above for every engine numerics mode asked for (--numerics, default both in the
+same run): "fast", the engine's own kernels, and "reference", transformers' op sequence and
+SDPA calls (engine/reference_runner.py); transformers' logits are the same for both. Then the
+cost of reference mode: decode tokens/s of both modes at batch 1 and 8 (bf16, SmolLM2).
 Prints a table and one JSON line.
 
-    python -m bench.gpu_correctness --model DIR
+    python -m bench.gpu_correctness --model DIR [--numerics fast,reference] [--dtypes ...]
 """
 
 from __future__ import annotations
@@ -126,7 +130,6 @@ def _teacher_forced_prefill(llm: LLM, texts: list[list[int]]) -> list[torch.Tens
     """Tandem's logits at every position of each text, computed in chunks of CHUNK tokens
     over the cached prefix (blocks assigned by hand; the engine holds no request)."""
     runner = llm.engine.runner
-    assert isinstance(runner, GpuModelRunner)
     bs = runner.config.block_size
     out = []
     for ids in texts:
@@ -135,7 +138,10 @@ def _teacher_forced_prefill(llm: LLM, texts: list[list[int]]) -> list[torch.Tens
         for start in range(0, len(ids), CHUNK):
             chunk = tuple(ids[start : start + CHUNK])
             row = ScheduledRow("tf", chunk, start, table, False, SamplingParams(), 0)
-            input_ids, positions, meta, _ = runner._prepare_eager((row,))
+            if isinstance(runner, GpuModelRunner):
+                input_ids, positions, meta, _ = runner._prepare_eager((row,))
+            else:  # ReferenceModelRunner
+                input_ids, positions, meta, _ = runner._prepare(StepPlan((row,), ()))
             hidden = runner.model(input_ids, positions, meta, runner.kv_cache)
             logits.append(runner.model.compute_logits(hidden).float())
         out.append(torch.cat(logits))
@@ -230,8 +236,50 @@ def _continuation_top1(
     return _top1(a, b), sum(len(x) for x in a), logits_agreement(a, b)
 
 
+def _llm(model_dir: Path, dtype_name: str, numerics: str) -> LLM:
+    return LLM(
+        str(model_dir),
+        tokenizer=False,
+        device="cuda",
+        dtype=dtype_name,
+        numerics=numerics,
+        max_model_len=2048,
+        num_blocks=1024,
+        max_num_seqs=8,
+        max_num_batched_tokens=1024,
+    )
+
+
+def decode_rate(model_dir: Path, numerics: str, batches: tuple[int, ...] = (1, 8)) -> dict:
+    """Decode tokens/s (bf16) at each batch size: B chat prompts (cycled), 129 vs 1 new
+    tokens, the difference timed (median of 3 after a warm-up), so prefill drops out."""
+    llm = _llm(model_dir, "bfloat16", numerics)
+    prompts = _chat_prompts(model_dir)
+    out = {}
+    for b in batches:
+        batch = [prompts[i % len(prompts)] for i in range(b)]
+
+        def timed(n: int, batch: list[list[int]] = batch) -> float:
+            params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            llm.generate(batch, params)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        timed(129)  # warm-up: Triton compiles, cuBLAS/cuDNN pick their kernels
+        times = sorted(timed(129) - timed(1) for _ in range(3))
+        out[f"batch_{b}_decode_tok_s"] = b * 128 / times[1]
+        out[f"batch_{b}_step_ms"] = times[1] / 128 * 1e3
+    return out
+
+
 def run(
-    model_dir: Path, dtype_name: str, continuations: list[tuple[list[int], list[int]]]
+    model_dir: Path,
+    dtype_name: str,
+    numerics: str,
+    continuations: list[tuple[list[int], list[int]]],
+    with_floor: bool,
 ) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
@@ -240,16 +288,7 @@ def run(
     # each text followed by the next: ~400 tokens each, > 1,000 positions per path
     texts = [tok(a + b)["input_ids"] for a, b in zip(TEXTS, TEXTS[1:] + TEXTS[:1], strict=True)]
     hf = _hf(model_dir, dtype)
-    llm = LLM(
-        str(model_dir),
-        tokenizer=False,
-        device="cuda",
-        dtype=dtype_name,
-        max_model_len=2048,
-        num_blocks=1024,
-        max_num_seqs=8,
-        max_num_batched_tokens=1024,
-    )
+    llm = _llm(model_dir, dtype_name, numerics)
     with torch.inference_mode():
         raw = [hf(torch.tensor([ids], device="cuda")).logits[0] for ids in texts]
     ref_dtype = raw[0].dtype
@@ -260,7 +299,7 @@ def run(
         our_dtype = runner.model.compute_logits(runner.model.embed_tokens.weight[:1]).dtype
     # prefill path: every position of every text
     ours = _teacher_forced_prefill(llm, texts)
-    floor = noise_floor(model_dir, texts, ours) if dtype == torch.bfloat16 else {}
+    floor = noise_floor(model_dir, texts, ours) if with_floor and dtype == torch.bfloat16 else {}
     pre_total = sum(len(t) for t in texts)
     # decode path: positions [first, min_len) of each text
     first = 64
@@ -298,6 +337,7 @@ def run(
     torch.cuda.empty_cache()
     return {
         "dtype": dtype_name,
+        "numerics": numerics,
         "prefill_top1": _top1(ours, ref),
         "prefill_positions": pre_total,
         "decode_top1": dec_agree / dec_total,
@@ -322,25 +362,39 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--numerics", default="fast,reference", help="engine modes, in one run")
+    p.add_argument("--no-speed", action="store_true", help="skip the decode tokens/s per mode")
     ns = p.parse_args()
     started = time.time()
-    continuations = own_continuations(Path(ns.model))
-    results = [run(Path(ns.model), d, continuations) for d in ns.dtypes.split(",")]
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}")
+    model = Path(ns.model)
+    modes = ns.numerics.split(",")
+    continuations = own_continuations(model)
+    results = [
+        run(model, d, m, continuations, with_floor=i == 0)
+        for i, m in enumerate(modes)
+        for d in ns.dtypes.split(",")
+    ]
+    speed = {} if ns.no_speed else {m: decode_rate(model, m) for m in modes}
+    import transformers
+
     print(
-        f"{'dtype':<10}{'natural: prefill top-1':>26}{'decode top-1':>22}"
+        f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+        f"transformers {transformers.__version__}"
+    )
+    print(
+        f"{'numerics':<10}{'dtype':<10}{'natural: prefill top-1':>26}{'decode top-1':>22}"
         f"{'own continuation top-1':>28}{'greedy 32 identical':>22}"
     )
     for r in results:
         print(
-            f"{r['dtype']:<10}"
+            f"{r['numerics']:<10}{r['dtype']:<10}"
             f"{r['prefill_top1']:>19.4f} ({r['prefill_positions']})"
             f"{r['decode_top1']:>15.4f} ({r['decode_positions']})"
             f"{r['continuation_top1']:>21.4f} ({r['continuation_positions']})"
             f"{r['greedy_identical']:>18}/{r['greedy_prompts']}"
         )
     for r in results:
-        print(f"{r['dtype']}: logits dtype {r['logits_dtype']}")
+        print(f"{r['numerics']} {r['dtype']}: logits dtype {r['logits_dtype']}")
         for name in ("prefill", "decode", "continuation"):
             print(f"  {name:<13}{summary(r[name + '_ties'])}")
         if r["greedy_split_ref_gap_ulps"]:
@@ -348,12 +402,15 @@ def main() -> None:
             print(f"  greedy: transformers' lead at each split, in its ulps: {gaps}")
         for k, v in r["noise_floor"].items():
             print(f"  top-1 agreement {k}: {v:.4f}")
+    for m, rates in speed.items():
+        print(f"decode speed, {m}: " + "  ".join(f"{k} {v:.1f}" for k, v in rates.items()))
     print(
         json.dumps(
             {
                 "device": torch.cuda.get_device_name(),
                 "seconds": time.time() - started,
                 "results": results,
+                "speed": speed,
             }
         )
     )
