@@ -59,29 +59,61 @@ def test_reference_text_equals_fast_and_transformers(
     for prompt, ours in zip([long, *later], outs["reference"], strict=True):
         with torch.inference_mode():
             ids = torch.tensor([prompt])
-            ref = hf.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS
-            )[0, len(prompt) :].tolist()
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS)[
+                0, len(prompt) :
+            ].tolist()
         assert ours == ref
 
 
-def test_reference_logits_equal_transformers_bit_for_bit(tiny_model_dirs: dict[str, Path]) -> None:
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [
+        ("cpu", "float32"),
+        pytest.param("cuda", "bfloat16", marks=[pytest.mark.gpu, CUDA]),
+        pytest.param("cuda", "float32", marks=[pytest.mark.gpu, CUDA]),
+    ],
+)
+def test_reference_equals_transformers_bit_for_bit(
+    tiny_model_dirs: dict[str, Path], device: str, dtype: str
+) -> None:
+    """One uncached forward: logits equal to transformers' sdpa forward bit for bit; greedy
+    text of prompts prefilled in one chunk equal to transformers' generate (on CUDA in bf16
+    too: that is the mode's point)."""
     from transformers import AutoModelForCausalLM
 
     model_dir = tiny_model_dirs["llama"]
-    llm = _llm(model_dir, "reference")
+    llm = LLM(
+        str(model_dir), tokenizer=False, device=device, dtype=dtype, numerics="reference",
+        num_blocks=64, max_model_len=256, num_threads=1,
+    )  # fmt: skip
     runner = llm.engine.runner
     assert isinstance(runner, ReferenceModelRunner)
-    prompt = tuple(random.Random(2).randrange(3, 512) for _ in range(40))
-    row = ScheduledRow("r", prompt, 0, (0, 1, 2), False, SamplingParams(), 0)
+    rng = random.Random(2)
+    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (40, 3, 1)]
+    row = ScheduledRow("r", tuple(prompts[0]), 0, (0, 1, 2), False, SamplingParams(), 0)
+    torch_dtype = getattr(torch, dtype)
+    hf = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch_dtype, attn_implementation="sdpa"
+    )
+    hf = hf.to(device).eval()
     with torch.inference_mode():
         ids, pos, meta, _ = runner._prepare(StepPlan((row,), ()))
         ours = runner.model.compute_logits(runner.model(ids, pos, meta, runner.kv_cache))
-        hf = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, attn_implementation="sdpa"
-        ).eval()
-        theirs = hf(torch.tensor([prompt])).logits[0]
+        theirs = hf(torch.tensor([prompts[0]], device=device)).logits[0]
+    assert ours.dtype == theirs.dtype == torch_dtype
     assert torch.equal(ours, theirs)
+    mine = [r.outputs[0].token_ids for r in llm.generate(prompts, GREEDY)]
+    for prompt, ours_ids in zip(prompts, mine, strict=True):
+        with torch.inference_mode():
+            t = torch.tensor([prompt], device=device)
+            ref = hf.generate(
+                t, attention_mask=torch.ones_like(t), max_new_tokens=NEW_TOKENS,
+                do_sample=False, eos_token_id=None, pad_token_id=0,
+            )[0, len(prompt):].tolist()  # fmt: skip
+        assert ours_ids == ref
 
 
 def _config(model_dir: Path, **kw: object) -> EngineConfig:
