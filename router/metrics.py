@@ -204,7 +204,13 @@ class _WorkerCollector(Collector):
         rate = GaugeMetricFamily(
             "tandem_router_worker_prefill_tokens_per_second",
             "Prefill throughput the router measured on the worker from its own dispatch and "
-            "first-token times (what auto's estimates use; 0: not measured yet)",
+            "first-token times: the per-token term of auto's estimates (0: not measured yet)",
+            labels=labels,
+        )
+        per_prompt = GaugeMetricFamily(
+            "tandem_router_worker_prefill_overhead_seconds",
+            "Per-prompt term of the prefill time model the router measured on the worker (RPC, "
+            "KV transfer, admission, first step; 0: not measured, or one prompt length only)",
             labels=labels,
         )
         free = GaugeMetricFamily(
@@ -247,11 +253,13 @@ class _WorkerCollector(Collector):
             healthy.add_metric(values, 1.0 if s.healthy else 0.0)
             inflight.add_metric(values, s.num_inflight)
             prefill.add_metric(values, s.inflight_prefill_tokens)
-            rate.add_metric(values, s.prefill_meter.tokens_per_s() or 0.0)
+            cost = s.prefill_meter.cost()
+            rate.add_metric(values, cost.tokens_per_s if cost is not None else 0.0)
+            per_prompt.add_metric(values, cost.per_prompt_s if cost is not None else 0.0)
             free.add_metric(values, s.load.num_blocks_free if s.load is not None else 0)
             cached.add_metric(values, len(s.cached_hashes))
             prefilling.add_metric(values, s.num_prefilling)
-        yield from (healthy, inflight, prefill, rate, free, cached, prefilling)
+        yield from (healthy, inflight, prefill, rate, per_prompt, free, cached, prefilling)
         yield from (admitted, limit, waiting)
 
     def describe(self) -> Iterator[Metric]:

@@ -48,6 +48,7 @@ from collections.abc import Callable, Container, Mapping, Sequence
 from dataclasses import dataclass
 
 from router.config import Mode, PolicyConfig, Role
+from router.prefill_rate import PrefillCost
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +68,10 @@ class WorkerSnapshot:
     num_inflight: int = 0  # requests not finished
     inflight_prefill_tokens: int = 0  # uncached prompt tokens whose prefill is not done
     inflight_kv_blocks: int = 0  # KV blocks of those requests' contexts so far
-    # Prefill throughput the router measured on this worker (router/prefill_rate.py), tokens/s
-    # of the prompts it computes, overheads included; None: none of them completed yet.
-    prefill_tokens_per_s: float | None = None
+    num_prefilling: int = 0  # prompts it computes whose first token is not back
+    # Prefill time model the router measured on this worker (router/prefill_rate.py): per
+    # prompt and per uncached token, overheads included; None: none of them completed yet.
+    prefill_cost: PrefillCost | None = None
     prefill_progress_s: float = 0.0  # seconds of its queued prefill work already done
 
     @property
@@ -151,11 +153,12 @@ def prefill_cost(w: WorkerSnapshot, req: RouteRequest, weight: float) -> float:
     return weight * todo / w.block_size
 
 
-def prefill_time_s(w: WorkerSnapshot, tokens: int, tokens_per_s: float) -> float:
-    """Estimated seconds until `w` has prefilled `tokens` more after its queue: the queued
-    uncached tokens less the part already worked on, then these, at `tokens_per_s`."""
-    queued_s = max(0.0, w.inflight_prefill_tokens / tokens_per_s - w.prefill_progress_s)
-    return queued_s + tokens / tokens_per_s
+def prefill_time_s(w: WorkerSnapshot, tokens: int, cost: PrefillCost) -> float:
+    """Estimated seconds until `w` has prefilled one more prompt of `tokens` uncached tokens
+    after its queue: the queued prompts and their uncached tokens less the part already
+    worked on, then this one, by `cost`."""
+    queued_s = cost.seconds(w.num_prefilling, w.inflight_prefill_tokens)
+    return max(0.0, queued_s - w.prefill_progress_s) + cost.seconds(1, tokens)
 
 
 def decode_cost(w: WorkerSnapshot, req: RouteRequest) -> float:
@@ -231,24 +234,24 @@ def _auto_where(
     else:
         busy = f"{d.worker_id} runs {d.num_inflight} requests"
         cause, many = RouteCause.DECODE_BUSY, f"uncached {local_todo} <= {max_local} tokens, {busy}"
-    p_rate = p.prefill_tokens_per_s
-    if p_rate is None:
+    p_cost = p.prefill_cost
+    if p_cost is None:
         return cause, f"{many}; {p.worker_id} prefill rate not measured yet"
     # An idle prefill worker is never bypassed: the prompt costs the decode batch nothing there,
     # and it is how a rate measured under other conditions gets measured again.
     if p.inflight_prefill_tokens == 0:
         return cause, f"{many}; {p.worker_id} idle"
-    remote_s = prefill_time_s(p, remote_todo, p_rate)
-    remote = f"{p.worker_id} est {remote_s:.3f} s at {p_rate:.0f} tok/s"
+    remote_s = prefill_time_s(p, remote_todo, p_cost)
+    remote = f"{p.worker_id} est {remote_s:.3f} s at {p_cost}"
     if remote_s <= config.prefill_budget_s:
         return cause, f"{many}; {remote} <= {config.prefill_budget_s:g} s"
     # A decode worker that has not prefilled a prompt yet is assumed as fast as the prefill
     # worker (same model); its first local prefills measure its own rate, decode batch included.
-    measured = d.prefill_tokens_per_s
-    d_rate = measured if measured is not None else p_rate
-    d_rate_why = "measured" if measured is not None else f"assumed {p.worker_id}'s"
-    local_s = prefill_time_s(d, local_todo, d_rate)
-    local = f"local est {local_s:.3f} s at {d_rate:.0f} tok/s ({d_rate_why})"
+    measured = d.prefill_cost
+    d_cost = measured if measured is not None else p_cost
+    d_cost_why = "measured" if measured is not None else f"assumed {p.worker_id}'s"
+    local_s = prefill_time_s(d, local_todo, d_cost)
+    local = f"local est {local_s:.3f} s at {d_cost} ({d_cost_why})"
     over = f"{remote} > {config.prefill_budget_s:g} s"
     if local_s < remote_s:
         return RouteCause.PREFILL_SATURATED, f"prefill pool saturated: {over}; {local}"

@@ -277,7 +277,7 @@ class WorkerRegistry:
         decode.num_inflight += 1
         prefiller.num_prefilling += 1
         prefiller.inflight_prefill_tokens += ticket.prefill_tokens
-        prefiller.prefill_meter.started(self._clock(), ticket.prefill_tokens)
+        prefiller.prefill_meter.started(self._clock())
         self._set_context(ticket, num_prompt_tokens)
         return ticket
 
@@ -296,7 +296,7 @@ class WorkerRegistry:
             return
         if ticket.prefill_pending:
             self._end_prefill(ticket)
-            ticket.prefiller.prefill_meter.dropped(self._clock(), ticket.prefill_tokens)
+            ticket.prefiller.prefill_meter.dropped(self._clock())
         ticket.decode.inflight_kv_blocks -= ticket.kv_blocks
         ticket.decode.num_inflight -= 1
         ticket.finished = True
@@ -383,6 +383,7 @@ def _snapshot(s: WorkerState, now: float) -> WorkerSnapshot:
         num_inflight=s.num_inflight,
         inflight_prefill_tokens=s.inflight_prefill_tokens,
         inflight_kv_blocks=s.inflight_kv_blocks,
-        prefill_tokens_per_s=s.prefill_meter.tokens_per_s(),
+        num_prefilling=s.num_prefilling,
+        prefill_cost=s.prefill_meter.cost(),
         prefill_progress_s=s.prefill_meter.progress_s(now),
     )

@@ -17,6 +17,7 @@ from router.policy import (
     route,
     uncached_tokens,
 )
+from router.prefill_rate import PrefillCost
 
 CFG = PolicyConfig(prefill_weight=1.0, local_prefill_max_tokens=64, prefill_budget_s=0.5)
 
@@ -144,16 +145,16 @@ def test_auto_prefills_short_uncached_prompts_locally() -> None:
 
 def test_auto_sends_short_prompts_remote_while_the_decode_worker_runs_requests() -> None:
     # A local prefill would stretch a step of the 3 running requests; the prefill worker is idle.
-    workers = [decode("d0", num_inflight=3), prefill("p0", prefill_tokens_per_s=1e4)]
+    workers = [decode("d0", num_inflight=3), prefill("p0", prefill_cost=PrefillCost(1e4, 0.0))]
     d = route(req(60), workers, Mode.AUTO, CFG)
     assert d.prefill_worker_id == "p0" and d.cause is RouteCause.DECODE_BUSY
     assert "uncached 60 <= 64 tokens, d0 runs 3 requests; p0 idle" in d.reason
     # within budget: still remote
-    p0 = prefill("p0", inflight_prefill_tokens=1000, prefill_tokens_per_s=1e4)
+    p0 = prefill("p0", inflight_prefill_tokens=1000, prefill_cost=PrefillCost(1e4, 0.0))
     d = route(req(60), [workers[0], p0], Mode.AUTO, CFG)
     assert d.remote_prefill and d.cause is RouteCause.DECODE_BUSY
     # prefill worker over budget and the decode worker sooner: local after all
-    slow = prefill("p0", inflight_prefill_tokens=10_000, prefill_tokens_per_s=1e4)
+    slow = prefill("p0", inflight_prefill_tokens=10_000, prefill_cost=PrefillCost(1e4, 0.0))
     d = route(req(60), [workers[0], slow], Mode.AUTO, CFG)
     assert not d.remote_prefill and d.cause is RouteCause.PREFILL_SATURATED
     # no prefill worker: local
@@ -172,16 +173,22 @@ def test_auto_sends_long_uncached_prompts_to_the_prefill_pool() -> None:
 def test_prefill_time_counts_the_queue_less_the_work_already_done() -> None:
     # 10,000 tokens queued at 10,000 tok/s, 0.25 s of them done: 0.75 s, then 1,000 more: 0.1 s
     w = prefill("p0", inflight_prefill_tokens=10_000, prefill_progress_s=0.25)
-    assert prefill_time_s(w, 1000, 10_000.0) == pytest.approx(0.85)
+    assert prefill_time_s(w, 1000, PrefillCost(10_000.0, 0.0)) == pytest.approx(0.85)
     # progress beyond the estimate does not make the queue negative
     late = prefill("p0", inflight_prefill_tokens=1000, prefill_progress_s=5.0)
-    assert prefill_time_s(late, 1000, 10_000.0) == pytest.approx(0.1)
+    assert prefill_time_s(late, 1000, PrefillCost(10_000.0, 0.0)) == pytest.approx(0.1)
+    # with 10 ms per prompt: 2 queued prompts add 20 ms, this one 10 ms
+    two = prefill("p0", num_prefilling=2, inflight_prefill_tokens=10_000, prefill_progress_s=0.25)
+    assert prefill_time_s(two, 1000, PrefillCost(10_000.0, 0.01)) == pytest.approx(0.88)
 
 
 def test_auto_stays_remote_while_the_prefill_estimate_fits_the_budget() -> None:
     # 3,000 tokens queued + 1,000 at 10,000 tok/s = 0.4 s <= 0.5 s: remote, even with an idle
     # decode worker that would be sooner (chunks stay out of the decode batch)
-    workers = [decode("d0"), prefill("p0", inflight_prefill_tokens=3000, prefill_tokens_per_s=1e4)]
+    workers = [
+        decode("d0"),
+        prefill("p0", inflight_prefill_tokens=3000, prefill_cost=PrefillCost(1e4, 0.0)),
+    ]
     d = route(req(1000), workers, Mode.AUTO, CFG)
     assert d.remote_prefill and d.cause is RouteCause.MANY_UNCACHED
     assert "p0 est 0.400 s at 10000 tok/s <= 0.5 s" in d.reason
@@ -190,9 +197,15 @@ def test_auto_stays_remote_while_the_prefill_estimate_fits_the_budget() -> None:
 def test_auto_spills_a_prompt_to_the_decode_worker_past_the_budget_in_time() -> None:
     # The same 5,000 queued tokens are 0.25 s on a fast prefill worker (remote) and 0.5 s on a
     # slow one (local): the rule is in seconds of measured work, not in tokens.
-    fast = [decode("d0"), prefill("p0", inflight_prefill_tokens=5000, prefill_tokens_per_s=2e4)]
+    fast = [
+        decode("d0"),
+        prefill("p0", inflight_prefill_tokens=5000, prefill_cost=PrefillCost(2e4, 0.0)),
+    ]
     assert route(req(1000), fast, Mode.AUTO, CFG).remote_prefill
-    slow = [decode("d0"), prefill("p0", inflight_prefill_tokens=5000, prefill_tokens_per_s=1e4)]
+    slow = [
+        decode("d0"),
+        prefill("p0", inflight_prefill_tokens=5000, prefill_cost=PrefillCost(1e4, 0.0)),
+    ]
     d = route(req(1000), slow, Mode.AUTO, CFG)
     assert not d.remote_prefill and d.cause is RouteCause.PREFILL_SATURATED
     # the decode worker never prefilled: assumed as fast as p0, idle: 0.1 s < 0.6 s
@@ -205,8 +218,8 @@ def test_auto_spills_a_prompt_to_the_decode_worker_past_the_budget_in_time() -> 
 def test_auto_keeps_a_prompt_remote_when_local_would_not_be_sooner() -> None:
     # p0: 0.6 s; d0 measured at 4,000 tok/s with 1,000 tokens of its own queued: 0.5 s -> local;
     # with 2,000 queued: 0.75 s -> remote after all
-    p0 = prefill("p0", inflight_prefill_tokens=5000, prefill_tokens_per_s=1e4)
-    busy = decode("d0", inflight_prefill_tokens=1000, prefill_tokens_per_s=4000.0)
+    p0 = prefill("p0", inflight_prefill_tokens=5000, prefill_cost=PrefillCost(1e4, 0.0))
+    busy = decode("d0", inflight_prefill_tokens=1000, prefill_cost=PrefillCost(4000.0, 0.0))
     d = route(req(1000), [busy, p0], Mode.AUTO, CFG)
     assert not d.remote_prefill and "local est 0.500 s at 4000 tok/s (measured)" in d.reason
     busier = dataclasses.replace(busy, inflight_prefill_tokens=2000)
@@ -217,7 +230,10 @@ def test_auto_keeps_a_prompt_remote_when_local_would_not_be_sooner() -> None:
 
 def test_auto_local_estimate_counts_only_the_uncached_part_on_each_side() -> None:
     # 1,600 tokens; d0 caches 60 blocks (960), p0 none. p0: 0.6 + 0.16 s; d0: 640 / 1e4 s
-    workers = [decode("d0"), prefill("p0", inflight_prefill_tokens=6000, prefill_tokens_per_s=1e4)]
+    workers = [
+        decode("d0"),
+        prefill("p0", inflight_prefill_tokens=6000, prefill_cost=PrefillCost(1e4, 0.0)),
+    ]
     d = route(req(1600, d0=60), workers, Mode.AUTO, CFG)
     assert not d.remote_prefill and d.uncached_tokens == 640
     assert "p0 est 0.760 s" in d.reason and "local est 0.064 s" in d.reason
@@ -226,7 +242,10 @@ def test_auto_local_estimate_counts_only_the_uncached_part_on_each_side() -> Non
 def test_auto_never_bypasses_an_idle_prefill_worker() -> None:
     # measured slow (1,000 tok/s: 1 s for this prompt, over budget) but idle: remote, which is
     # how its rate is measured again; the decode batch pays nothing for it
-    workers = [decode("d0", prefill_tokens_per_s=1e5), prefill("p0", prefill_tokens_per_s=1e3)]
+    workers = [
+        decode("d0", prefill_cost=PrefillCost(1e5, 0.0)),
+        prefill("p0", prefill_cost=PrefillCost(1e3, 0.0)),
+    ]
     d = route(req(1000), workers, Mode.AUTO, CFG)
     assert d.remote_prefill and d.cause is RouteCause.MANY_UNCACHED and "p0 idle" in d.reason
 
