@@ -14,6 +14,8 @@ For each dtype (bf16, fp32):
   - greedy text: the first 32 new tokens of each prompt, Tandem LLM.generate (all prompts
     batched) vs transformers generate (each prompt alone); where they part, transformers' gap
     between its token and ours, in bf16 ulps;
+  - the decode picks also against transformers' own decode (its KV cache, one true token per
+    call: what its generate computes), and that decode against its full forward;
   - for every agreement figure, beside the strict one: the tie-aware agreement (our top-1 among
     transformers' exactly tied maxima) and where the disagreements sit in transformers' bf16
     ulps (bench/agreement.py).
@@ -181,6 +183,27 @@ def _teacher_forced_decode(llm: LLM, texts: list[list[int]], first: int) -> list
     return picks
 
 
+@torch.inference_mode()
+def _hf_teacher_forced_decode(
+    hf: Any, texts: list[list[int]], first: int, steps: list[int]
+) -> list[torch.Tensor]:
+    """transformers' logits predicting positions first .. first + steps - 1 of each text, as
+    its generate computes them: a forward over text[:first] with a DynamicCache, then one true
+    token per call over the cache (batch 1, no mask: the q_len-1 SDPA call)."""
+    out = []
+    for ids, n in zip(texts, steps, strict=True):
+        res = hf(torch.tensor([ids[:first]], device="cuda"), use_cache=True)
+        cache, logits = res.past_key_values, [res.logits[0, -1:].float()]
+        for pos in range(first, first + n - 1):
+            res = hf(
+                torch.tensor([[ids[pos]]], device="cuda"), past_key_values=cache, use_cache=True
+            )
+            cache = res.past_key_values
+            logits.append(res.logits[0, -1:].float())
+        out.append(torch.cat(logits))
+    return out
+
+
 def _chat_prompts(model_dir: Path) -> list[list[int]]:
     from transformers import AutoTokenizer
 
@@ -313,6 +336,13 @@ def run(
         torch.tensor([t for p in picks for t in p]),
         torch.cat([r[first - 1 : first - 1 + len(p)] for p, r in zip(picks, ref, strict=True)]),
     )
+    # the same decode picks against transformers' own decode (one true token per step over its
+    # KV cache, q_len 1: the SDPA call its generate makes), not its full forward
+    hf_dec = _hf_teacher_forced_decode(hf, texts, first, [len(p) for p in picks])
+    dec_vs_hf_decode = agreement(torch.tensor([t for p in picks for t in p]), torch.cat(hf_dec))
+    hf_decode_vs_forward = logits_agreement(
+        hf_dec, [r[first - 1 : first - 1 + len(p)] for p, r in zip(picks, ref, strict=True)]
+    )
     # second text set: the model's own (fp32) greedy continuations
     cont_top1, cont_total, cont_ties = _continuation_top1(hf, llm, continuations)
     # greedy text: chat prompts
@@ -351,6 +381,8 @@ def run(
         "logits_dtype": {"transformers": str(ref_dtype), "tandem": str(our_dtype)},
         "prefill_ties": logits_agreement(ours, ref),
         "decode_ties": dec_ties,
+        "decode_vs_hf_decode": dec_vs_hf_decode,
+        "hf_decode_vs_hf_forward": hf_decode_vs_forward,
         "continuation_ties": cont_ties,
         "sample_text": tok.decode(mine[0]),
         "reference_text": tok.decode(theirs[0]),
@@ -397,6 +429,8 @@ def main() -> None:
         print(f"{r['numerics']} {r['dtype']}: logits dtype {r['logits_dtype']}")
         for name in ("prefill", "decode", "continuation"):
             print(f"  {name:<13}{summary(r[name + '_ties'])}")
+        print(f"  decode vs transformers' decode: {summary(r['decode_vs_hf_decode'])}")
+        print(f"  transformers' decode vs its forward: {summary(r['hf_decode_vs_hf_forward'])}")
         if r["greedy_split_ref_gap_ulps"]:
             gaps = r["greedy_split_ref_gap_ulps"]
             print(f"  greedy: transformers' lead at each split, in its ulps: {gaps}")
