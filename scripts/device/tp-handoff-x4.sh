@@ -5,7 +5,9 @@
 # (GPUs 0,1) -> the same TP=2 decode (rank to rank); KV transfer bandwidth per request and from
 # the prefill workers' metrics. bench/tp_handoff.py does the work and stops its processes by PID.
 #
-# usage (repo root): scripts/device/tp-handoff-x4.sh [CONFIG...]
+# usage (repo root): [PREFILL_GPUS=0,1 DECODE_GPUS=2,3] scripts/device/tp-handoff-x4.sh [CONFIG...]
+#   (PREFILL_GPUS=0,1 DECODE_GPUS=0,1 runs the same processes on the two GPUs of nvidia-h200-x2,
+#   each GPU holding a prefill worker and a decode rank)
 #   CONFIG: llama8b2l-bf16 (the 8B shape cut to 2 layers: a quick check; SmolLM2's 3 kv heads do
 #   not split over 2 ranks) | llama8b-bf16 | llama8b-fp32 (default: all three) | llama8b-bf16-inv
 #   (every worker in the TP-invariant mode, S=2, no prefix caching: bf16 text must match too) |
@@ -51,7 +53,8 @@ for c in $CONFIGS; do
     *) echo "unknown config $c"; continue ;;
   esac
   echo "== $c $(date -u +%T)" | tee -a "$OUT/summary.txt"
-  timeout "${TP_HANDOFF_TIMEOUT:-420}" "$PY" -m bench.tp_handoff --prefill-gpus 0,1 --decode-gpus 2,3 \
+  timeout "${TP_HANDOFF_TIMEOUT:-420}" "$PY" -m bench.tp_handoff --prefill-gpus "${PREFILL_GPUS:-0,1}" \
+    --decode-gpus "${DECODE_GPUS:-2,3}" \
     --load-format dummy --max-model-len 4096 --equal "${args[@]}" --out "/tmp/tp/$c" \
     >"/tmp/tp-$c.txt" 2>&1
   rc=$?
