@@ -6,6 +6,10 @@ Block ownership on the remote path: blocks are reserved in the engine, leased to
 request owns them), or `cancel_kv_reservation` after the sink's KVReleased says no write of
 the transfer can land any more (fencing). Nothing else frees them.
 
+The Prefill call is client-streaming: it opens (the prefill worker starts computing) before the
+reservation, whose KV destination follows as its second message; a request that is not admitted
+cancels the call, which stops the prefill worker's compute and frees its side.
+
 Failures: a remote prefill that fails (the prefill worker died, mid-prefill or mid-transfer, or
 its KV did not land) is computed here instead: the reservation goes back behind the fence as
 above and the stream goes on from a local prefill (logged, counted by `on_prefill_fallback`).
@@ -17,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import grpc
 
@@ -39,6 +43,8 @@ from runtime.tls import TlsFiles, open_channel
 from runtime.wire import FINISH_REASONS, logprob_to_proto, sampling_kwargs
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 class RemotePrefillFailed(RuntimeError):
@@ -162,13 +168,20 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         worker's prefix cache, which are not transferred (metrics wrap it)."""
 
     def on_remote_step(self, step: str, duration_s: float) -> None:
-        """Hook: one serial step of a remote prefill took duration_s seconds (metrics wrap
-        it): reserve, lease, prefill_rpc, outcome, admit."""
+        """Hook: one step of a remote prefill took duration_s seconds (metrics wrap it):
+        prefill_rpc, destination_wait (inside it), outcome, admit on the critical path, in that
+        order; reserve and lease overlap prefill_rpc."""
 
     async def _remote_prefill(
         self, request: pb.GenerateRequest, prompt: list[int], params: SamplingParams
     ) -> tuple[AsyncIterator[RequestOutput], float, int]:
-        """Reserve blocks, have the prefill worker write the prompt's KV into them, admit.
+        """Have the prefill worker compute the prompt while blocks are reserved here, then
+        write its KV into them; admit.
+
+        The Prefill call (client-streaming) opens first with what the compute needs; the
+        reservation and the sink's lease run meanwhile and their KV destination goes as the
+        second message, which the prefill worker needs only once its compute is done: reserve
+        and lease are off the critical path unless they outlast the compute.
 
         Returns the request's output stream (its first output is the prefill worker's token),
         the KV write time (seconds) and the prompt tokens the prefill worker had cached.
@@ -177,7 +190,9 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
             raise RemotePrefillFailed(
                 "this decode worker has no KV sink (started without one)", "no_sink"
             )
+        sink = self.sink
         rid = request.request_id
+        remote = request.prefill.remote
         clock = _StepClock(self.on_remote_step)
         # Engine and sink commands run on their own threads even if this coroutine is
         # cancelled (the client went away) while it waits for them: the reservation and the
@@ -188,41 +203,37 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         reservation = asyncio.ensure_future(
             self.engine.call(lambda e: e.reserve_kv(rid, prompt, params))
         )
+        # Ended below unless the request was admitted: cancelling it makes the prefill worker
+        # stop its compute and withdraw its claim (a no-op once the call is over).
+        call = self.prefill_clients.stub(remote.prefill_address).Prefill(timeout=self.lease_s)
         admitted = False
         try:
+            opening = pb.PrefillRequest(
+                request_id=rid,
+                prompt_token_ids=prompt,
+                sampling=request.sampling,
+                deadline_unix_s=request.deadline_unix_s,
+            )
+            await self._rpc(remote, call, call.write(pb.PrefillMessage(request=opening)))
             reserved = await asyncio.shield(reservation)
-            clock.lap("reserve")
+            reserved_at = clock.span("reserve", clock.start)
             # queued behind the reservation, run by the engine thread while the lease and the
             # Prefill RPC go on: the prompt's block hashes past the first miss, so that
             # admission need not
             self._background(self.engine.call(lambda e: e.hash_awaiting_prompt(rid)))
             # only the blocks our prefix cache lacks are leased and written (the hits are ours,
             # read only: no remote write may touch them)
-            handle = await asyncio.shield(
-                self.sink.expect(rid, reserved.write_block_ids, self.lease_s)
+            handle = await asyncio.shield(sink.expect(rid, reserved.write_block_ids, self.lease_s))
+            clock.span("lease", reserved_at)
+            destination = pb.KVDestination(
+                kv=_handle_to_proto(handle), first_kv_block=reserved.num_hit_blocks
             )
-            clock.lap("lease")
-            remote = request.prefill.remote
-            prefill_req = pb.PrefillRequest(
-                request_id=rid,
-                prompt_token_ids=prompt,
-                sampling=request.sampling,
-                kv=_handle_to_proto(handle),
-                deadline_unix_s=request.deadline_unix_s,
-                first_kv_block=reserved.num_hit_blocks,
-            )
-            try:
-                reply = await self.prefill_clients.stub(remote.prefill_address).Prefill(
-                    prefill_req, timeout=self.lease_s
-                )
-            except grpc.aio.AioRpcError as e:
-                raise RemotePrefillFailed(
-                    f"prefill worker {remote.prefill_worker_id} failed: "
-                    f"{e.code().name}: {e.details()}",
-                    e.code().name.lower(),
-                ) from e
+            await self._rpc(remote, call, call.write(pb.PrefillMessage(destination=destination)))
+            await self._rpc(remote, call, call.done_writing())
+            reply: pb.PrefillResponse = await self._rpc(remote, call, call)
             clock.lap("prefill_rpc")
-            outcome = await self.sink.outcome(rid)
+            clock.report("destination_wait", reply.destination_wait_s)
+            outcome = await sink.outcome(rid)
             clock.lap("outcome")
             if isinstance(outcome, KVLost):
                 raise RemotePrefillFailed(
@@ -241,7 +252,31 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
             return outputs, reply.kv_transfer_s, reply.cached_tokens
         finally:
             if not admitted:
+                call.cancel()
                 self._background(self._release_after_fence(rid, reservation))
+
+    @staticmethod
+    async def _rpc(
+        remote: pb.RemotePrefill, call: grpc.aio.StreamUnaryCall[Any, Any], step: Awaitable[_T]
+    ) -> _T:
+        """One step of the Prefill call; its failure is the remote prefill's."""
+        try:
+            try:
+                return await step
+            except asyncio.InvalidStateError:
+                # a write to a call that has ended already (the prefill worker failed or went
+                # away before it had the destination): its status says why
+                await call
+                raise RemotePrefillFailed(  # an OK reply without a destination: a broken peer
+                    f"prefill worker {remote.prefill_worker_id} replied before it had the KV "
+                    "destination",
+                    "protocol",
+                ) from None
+        except grpc.aio.AioRpcError as e:
+            raise RemotePrefillFailed(
+                f"prefill worker {remote.prefill_worker_id} failed: {e.code().name}: {e.details()}",
+                e.code().name.lower(),
+            ) from e
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -272,16 +307,24 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
 
 
 class _StepClock:
-    """Times consecutive steps of one request (monotonic seconds) and reports each."""
+    """Times the steps of one request (monotonic seconds) and reports each: `lap` a step of
+    the critical path (since the previous lap, or the start), `span` one that overlaps it."""
 
     def __init__(self, report: Callable[[str, float], None]) -> None:
         self._report = report
-        self._last = time.monotonic()
+        self.start = self._last = time.monotonic()
 
     def lap(self, step: str) -> None:
+        self._last = self.span(step, self._last)
+
+    def span(self, step: str, since: float) -> float:
+        """Reports the step as the time from `since` to now; returns now."""
         now = time.monotonic()
-        self._report(step, now - self._last)
-        self._last = now
+        self._report(step, now - since)
+        return now
+
+    def report(self, step: str, duration_s: float) -> None:
+        self._report(step, duration_s)
 
 
 def _to_proto(outs: list[RequestOutput]) -> pb.GenerateResponse:

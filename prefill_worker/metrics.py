@@ -8,7 +8,7 @@ wires them in place of the plain ones.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterable, Callable, Sequence
 
 import grpc
 
@@ -64,12 +64,12 @@ class MeteredPrefillServicer(PrefillServicer):
         self.metrics = metrics
 
     async def Prefill(
-        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
+        self, messages: AsyncIterable[pb.PrefillMessage], context: grpc.aio.ServicerContext
     ) -> pb.PrefillResponse:
         start = time.monotonic()
         outcome = "cancelled"
         try:
-            reply = await super().Prefill(request, context)
+            reply = await super().Prefill(messages, context)
             outcome = "ok"
             return reply
         except BaseException as e:

@@ -1,18 +1,23 @@
 """PrefillWorker gRPC service: compute a prompt's KV, sample its first token, WRITE the KV
 into the decode worker's reserved blocks, then free our copy. Only the prompt blocks from
-PrefillRequest.first_kv_block on are written: the decode worker holds the ones before in its
+KVDestination.first_kv_block on are written: the decode worker holds the ones before in its
 own prefix cache (this worker still computes whatever its own, separate cache lacks).
 
-The lease is claimed when the request arrives (ShardedSource.prepare), concurrently with the
+The call is client-streaming (proto/tandem.proto, PrefillMessage): the request comes first and
+goes to the engine at once; the KV destination comes second, while the prompt is computed (the
+decode worker reserves and leases its blocks meanwhile), and is needed only for the write. The
+lease is claimed when the destination arrives (ShardedSource.prepare), concurrently with the
 compute, so the write after prefill posts with no round trip; fencing is unchanged (a lease
 lost meanwhile fails the send). A request that ends without a send (bad input, engine error,
-caller gone) withdraws its claim (ShardedSource.cancel), so the decode side frees its blocks.
+the stream ended without a destination, caller gone) withdraws its claim if it made one
+(ShardedSource.cancel), so the decode side frees its blocks.
 
 Block ownership: the request's blocks stay pinned in our engine after it finishes
 (hold_kv_on_finish) until the send has ended one way or the other; `release_kv` once the send
 is over (`_release_after_send`, a task: the reply does not wait for the engine's next step
-boundary) is their one free path. If the caller goes away before the finish was seen, the
-engine stream's abort frees them (Engine.abort also frees a finished request's held blocks).
+boundary) is their one free path. If the call ends before the finish was seen (the destination
+failed, the caller went away), cancelling the compute task leaves the engine stream early, and
+its abort frees them (Engine.abort also frees a finished request's held blocks).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterable, AsyncIterator, Coroutine
 from typing import Any
 
 import grpc
@@ -35,6 +40,22 @@ from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
 from runtime import worker_rpc
 from runtime.wire import logprob_to_proto, sampling_kwargs
+
+
+@dataclasses.dataclass(frozen=True)
+class _Destination:
+    """The call's second message, converted; its claim was started the moment it arrived."""
+
+    handle: KVHandle
+    first_block: int  # the first prompt block to write (KVDestination.first_kv_block)
+    claim: asyncio.Future[None]  # ShardedSource.prepare(handle); withdrawn unless sent
+    arrived: float  # time.monotonic()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Computed:
+    last: RequestOutput  # finished; its blocks are held (hold_kv_on_finish) until release_kv
+    done: float  # time.monotonic()
 
 
 class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
@@ -51,14 +72,19 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
         self._releases: set[asyncio.Task[None]] = set()
 
     async def Prefill(
-        self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext
+        self, messages: AsyncIterable[pb.PrefillMessage], context: grpc.aio.ServicerContext
     ) -> pb.PrefillResponse:
+        stream = aiter(messages)
+        opening = await anext(stream, None)
+        if opening is None or opening.WhichOneof("part") != "request":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "a Prefill call opens with a PrefillMessage carrying its request",
+            )
+        request = opening.request
         rid = request.request_id
         try:
             params = SamplingParams(**sampling_kwargs(request.sampling))
-            handle = _handle_from_proto(request.kv)
-            first_block = int(request.first_kv_block)  # the one conversion of the field
-            self.source.route(handle)  # a decode worker of a TP we cannot feed: refused now
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         # The first token only: stop strings and later limits are the decode worker's business.
@@ -66,20 +92,21 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
             params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=()
         )
         start = time.monotonic()
-        claim = asyncio.ensure_future(self.source.prepare(handle))  # overlaps the compute
-        sending = holding = False
+        compute = asyncio.ensure_future(
+            self._compute(rid, list(request.prompt_token_ids), first_params)
+        )
+        destination = asyncio.ensure_future(self._destination(stream))
+        sending = False
         try:
-            last: RequestOutput | None = None
-            try:
-                async for out in self.engine.generate(
-                    rid, list(request.prompt_token_ids), first_params, hold_kv_on_finish=True
-                ):
-                    last = out
-            except ValueError as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            assert last is not None and last.finished
-            holding = True  # from here on our blocks are pinned until release_kv
-            prefill_s = time.monotonic() - start
+            # Both run at once; a failed destination (bad handle, the stream ended without it)
+            # stops the compute at once (finally), and a failed compute the wait for it.
+            await asyncio.wait({compute, destination}, return_when=asyncio.FIRST_EXCEPTION)
+            for part in (destination, compute):
+                if part.done() and isinstance(part.exception(), ValueError):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(part.exception()))
+            computed, dest = compute.result(), destination.result()  # any other error: raised
+            last, handle, first_block = computed.last, dest.handle, dest.first_block
+            prefill_s = computed.done - start
             # the decode worker holds prompt blocks 0..first-1 already (its prefix cache):
             # only blocks first.. are written, into handle.block_ids in order
             held = last.held_block_ids[first_block:]
@@ -91,9 +118,9 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
                 )
             else:
                 try:
-                    if not claim.done():
-                        await asyncio.shield(claim)
-                    claim.result()
+                    if not dest.claim.done():
+                        await asyncio.shield(dest.claim)
+                    dest.claim.result()
                 except ValueError as e:  # this transfer is in flight already (a duplicate)
                     problem = str(e)
             if problem is not None:
@@ -102,9 +129,7 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
             send = asyncio.ensure_future(self.source.send(handle, held))
         finally:
             if not sending:  # tasks: a cancelled caller must still free and give the claim back
-                if holding:
-                    self._background(self.engine.call(lambda engine: engine.release_kv(rid)))
-                self._background(self._withdraw(claim, handle))
+                self._end_without_send(rid, compute, destination)
         try:
             result = await asyncio.shield(send)
         finally:
@@ -122,11 +147,55 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
             cached_tokens=last.num_cached_tokens,
             prefill_s=prefill_s,
             kv_transfer_s=result.elapsed_s,
+            destination_wait_s=max(0.0, dest.arrived - computed.done),
         )
         if last.new_logprobs:
             lp = last.new_logprobs[0]
             response.first_logprob.CopyFrom(logprob_to_proto(lp.token_id, lp.logprob, lp.top))
         return response
+
+    async def _compute(self, rid: str, prompt: list[int], params: SamplingParams) -> _Computed:
+        """The prompt's KV and first token. Done (not cancelled, no error) <=> the finished
+        output was seen <=> its blocks are held: the finish and the task's end fall in one loop
+        step, so a cancel lands before the finish (the stream's abort frees) or not at all."""
+        last: RequestOutput | None = None
+        async for out in self.engine.generate(rid, prompt, params, hold_kv_on_finish=True):
+            last = out
+        assert last is not None and last.finished
+        return _Computed(last, time.monotonic())
+
+    async def _destination(self, stream: AsyncIterator[pb.PrefillMessage]) -> _Destination:
+        """Reads the call's second message and claims its lease at once. Cancelling it while it
+        waits for the message claims nothing (no await between the message and the claim)."""
+        msg = await anext(stream, None)
+        if msg is None or msg.WhichOneof("part") != "destination":
+            got = "the end of the stream" if msg is None else f"a second {msg.WhichOneof('part')}"
+            raise ValueError(f"a Prefill call's second message is its KV destination, not {got}")
+        handle = _handle_from_proto(msg.destination.kv)
+        self.source.route(handle)  # a decode worker of a TP we cannot feed: refused now
+        claim = asyncio.ensure_future(self.source.prepare(handle))  # overlaps the compute
+        return _Destination(handle, int(msg.destination.first_kv_block), claim, time.monotonic())
+
+    def _end_without_send(
+        self,
+        rid: str,
+        compute: asyncio.Future[_Computed],
+        destination: asyncio.Future[_Destination],
+    ) -> None:
+        """The one free path of a call that sends nothing: the compute is stopped (the engine
+        stream's abort frees) or, if it finished, its held blocks released; a claim made is
+        withdrawn (the sink frees the decode side's blocks)."""
+        if not compute.done():
+            compute.cancel()
+        elif not compute.cancelled() and compute.exception() is None:
+            self._background(self.engine.call(lambda engine: engine.release_kv(rid)))
+        if not destination.done():
+            destination.cancel()
+        elif not destination.cancelled() and destination.exception() is None:
+            dest = destination.result()
+            self._background(self._withdraw(dest.claim, dest.handle))
+        for part in (compute, destination):  # retrieved here: no "never retrieved" warnings
+            part.add_done_callback(_consume)
 
     async def _release_after_send(self, rid: str, send: asyncio.Future[object]) -> None:
         with contextlib.suppress(Exception):
@@ -162,3 +231,8 @@ def _handle_from_proto(msg: pb.KVHandle) -> KVHandle:
             for m in msg.more_ranks
         ),
     )
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -489,32 +489,59 @@ class KVRankLease(_message.Message):
 Global___KVRankLease: _TypeAlias = KVRankLease  # noqa: Y015
 
 @_typing.final
+class PrefillMessage(_message.Message):
+    """A Prefill call is client-streaming, so that the prompt's compute starts before the decode
+    worker has a destination for its KV: the first PrefillMessage carries the request (sent at
+    once), the second the destination (sent once the decode worker has reserved blocks and
+    leased them to its sink, while the prefill worker computes). Then the client half-closes.
+    The prefill worker needs the destination only to write the KV; a call that ends without it
+    fails (INVALID_ARGUMENT) and a cancelled call aborts the compute: either way no block of
+    either worker is kept.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_FIELD_NUMBER: _builtins.int
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def request(self) -> Global___PrefillRequest:
+        """first, and only first"""
+
+    @_builtins.property
+    def destination(self) -> Global___KVDestination:
+        """second, and last"""
+
+    def __init__(
+        self,
+        *,
+        request: Global___PrefillRequest | None = ...,
+        destination: Global___KVDestination | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "part", b"part", "request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "part", b"part", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["request", "destination"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___PrefillMessage: _TypeAlias = PrefillMessage  # noqa: Y015
+
+@_typing.final
 class PrefillRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
-    KV_FIELD_NUMBER: _builtins.int
     DEADLINE_UNIX_S_FIELD_NUMBER: _builtins.int
-    FIRST_KV_BLOCK_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     deadline_unix_s: _builtins.float
-    first_kv_block: _builtins.int
-    """The index of the first prompt block to write: the decode worker already holds blocks
-    0..first_kv_block-1 (its own prefix cache) and leased only the rest, so kv.block_ids[i]
-    receives prompt block first_kv_block + i. 0: the whole prompt. The prefill worker still
-    computes every block its own cache lacks; it only skips writing these.
-    """
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
     def sampling(self) -> Global___SamplingParams:
         """the first token is sampled with these"""
-
-    @_builtins.property
-    def kv(self) -> Global___KVHandle:
-        """where to write the prompt's KV"""
 
     def __init__(
         self,
@@ -522,17 +549,45 @@ class PrefillRequest(_message.Message):
         request_id: _builtins.str = ...,
         prompt_token_ids: _abc.Iterable[_builtins.int] | None = ...,
         sampling: Global___SamplingParams | None = ...,
-        kv: Global___KVHandle | None = ...,
         deadline_unix_s: _builtins.float = ...,
-        first_kv_block: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["kv", b"kv", "sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix_s", b"deadline_unix_s", "first_kv_block", b"first_kv_block", "kv", b"kv", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_unix_s", b"deadline_unix_s", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PrefillRequest: _TypeAlias = PrefillRequest  # noqa: Y015
+
+@_typing.final
+class KVDestination(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KV_FIELD_NUMBER: _builtins.int
+    FIRST_KV_BLOCK_FIELD_NUMBER: _builtins.int
+    first_kv_block: _builtins.int
+    """The index of the first prompt block to write: the decode worker already holds blocks
+    0..first_kv_block-1 (its own prefix cache) and leased only the rest, so kv.block_ids[i]
+    receives prompt block first_kv_block + i. 0: the whole prompt. The prefill worker still
+    computes every block its own cache lacks; it only skips writing these.
+    """
+    @_builtins.property
+    def kv(self) -> Global___KVHandle:
+        """where to write the prompt's KV"""
+
+    def __init__(
+        self,
+        *,
+        kv: Global___KVHandle | None = ...,
+        first_kv_block: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kv", b"kv"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_kv_block", b"first_kv_block", "kv", b"kv"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KVDestination: _TypeAlias = KVDestination  # noqa: Y015
 
 @_typing.final
 class PrefillResponse(_message.Message):
@@ -544,12 +599,17 @@ class PrefillResponse(_message.Message):
     CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     PREFILL_S_FIELD_NUMBER: _builtins.int
     KV_TRANSFER_S_FIELD_NUMBER: _builtins.int
+    DESTINATION_WAIT_S_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     first_token_id: _builtins.int
     cached_tokens: _builtins.int
     """prompt tokens the prefill worker had cached"""
     prefill_s: _builtins.float
     kv_transfer_s: _builtins.float
+    destination_wait_s: _builtins.float
+    """seconds the computed KV waited for the KVDestination (0 when it came first): the part of
+    the decode worker's reserve + lease that the compute did not hide
+    """
     @_builtins.property
     def first_logprob(self) -> Global___TokenLogprob:
         """set when sampling.logprobs is set"""
@@ -563,10 +623,11 @@ class PrefillResponse(_message.Message):
         cached_tokens: _builtins.int = ...,
         prefill_s: _builtins.float = ...,
         kv_transfer_s: _builtins.float = ...,
+        destination_wait_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["first_logprob", b"first_logprob"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "first_logprob", b"first_logprob", "first_token_id", b"first_token_id", "kv_transfer_s", b"kv_transfer_s", "prefill_s", b"prefill_s", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "destination_wait_s", b"destination_wait_s", "first_logprob", b"first_logprob", "first_token_id", b"first_token_id", "kv_transfer_s", b"kv_transfer_s", "prefill_s", b"prefill_s", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -34,9 +34,9 @@ class PrefillWorkerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Prefill = channel.unary_unary(
+        self.Prefill = channel.stream_unary(
                 '/tandem.v1.PrefillWorker/Prefill',
-                request_serializer=proto_dot_tandem__pb2.PrefillRequest.SerializeToString,
+                request_serializer=proto_dot_tandem__pb2.PrefillMessage.SerializeToString,
                 response_deserializer=proto_dot_tandem__pb2.PrefillResponse.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
@@ -64,7 +64,7 @@ class PrefillWorkerStub:
 class PrefillWorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Prefill(self, request, context):
+    def Prefill(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,9 +97,9 @@ class PrefillWorkerServicer:
 
 def add_PrefillWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Prefill': grpc.unary_unary_rpc_method_handler(
+            'Prefill': grpc.stream_unary_rpc_method_handler(
                     servicer.Prefill,
-                    request_deserializer=proto_dot_tandem__pb2.PrefillRequest.FromString,
+                    request_deserializer=proto_dot_tandem__pb2.PrefillMessage.FromString,
                     response_serializer=proto_dot_tandem__pb2.PrefillResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
@@ -134,7 +134,7 @@ class PrefillWorker:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Prefill(request,
+    def Prefill(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -144,11 +144,11 @@ class PrefillWorker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_unary(
+            request_iterator,
             target,
             '/tandem.v1.PrefillWorker/Prefill',
-            proto_dot_tandem__pb2.PrefillRequest.SerializeToString,
+            proto_dot_tandem__pb2.PrefillMessage.SerializeToString,
             proto_dot_tandem__pb2.PrefillResponse.FromString,
             options,
             channel_credentials,

@@ -205,10 +205,12 @@ class WorkerMetrics:
         )  # fmt: skip
         self._remote_steps = Histogram(
             "tandem_worker_remote_prefill_step_seconds",
-            "Decode: the serial steps of a remote prefill on this worker, by step: reserve "
-            "(validate, build the request, reserve blocks: one engine command), lease (the "
-            "sink's), prefill_rpc (Prefill RPC sent -> reply), outcome (the sink's verdict "
-            "after the reply), admit (one engine command; its first output is ready)",
+            "Decode: the steps of a remote prefill on this worker, by step. On the critical "
+            "path, in order: prefill_rpc (Prefill call opened -> reply), destination_wait (of "
+            "prefill_rpc: the prefill worker's computed KV waiting for the destination), "
+            "outcome (the sink's verdict after the reply), admit (one engine command; its "
+            "first output is ready). Overlapping prefill_rpc: reserve (call opened -> blocks "
+            "reserved: one engine command), lease (the sink's; then the destination is sent)",
             [*base, "step"], buckets=_TRANSFER_BUCKETS_S, registry=r,
         )  # fmt: skip
         r.register(_LoadCollector(labels, load))

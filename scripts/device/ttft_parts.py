@@ -21,10 +21,16 @@ PARTS = (  # (metric, role or "" for the router, label)
     ("tandem_router_time_to_first_token_seconds", "", "router TTFT"),
     ("tandem_router_dispatch_seconds", "", "router dispatch"),
     ("tandem_worker_kv_wait_seconds", "decode", "decode: remote prefill wait (RPC -> KV landed)"),
-    # the decode worker's serial steps of a remote prefill (a `step` label: metric[step])
+    # the decode worker's steps of a remote prefill (a `step` label: metric[step]); reserve and
+    # lease overlap the Prefill RPC, destination_wait is the part of them it waited for
     ("tandem_worker_remote_prefill_step_seconds[reserve]", "decode", "decode: reserve (1 command)"),
     ("tandem_worker_remote_prefill_step_seconds[lease]", "decode", "decode: sink lease"),
     ("tandem_worker_remote_prefill_step_seconds[prefill_rpc]", "decode", "decode: Prefill RPC"),
+    (
+        "tandem_worker_remote_prefill_step_seconds[destination_wait]",
+        "decode",
+        "decode: RPC waiting for reserve + lease",
+    ),
     ("tandem_worker_remote_prefill_step_seconds[outcome]", "decode", "decode: sink outcome"),
     ("tandem_worker_remote_prefill_step_seconds[admit]", "decode", "decode: admit (1 command)"),
     ("tandem_worker_request_duration_seconds", "prefill", "prefill: request in its engine"),

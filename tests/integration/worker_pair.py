@@ -4,7 +4,7 @@ that drive the disagg path through their gRPC servers directly."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from deploy.local_cluster import Child, spawn, stop_children, wait_ready
@@ -12,14 +12,17 @@ from deploy.local_cluster import Child, spawn, stop_children, wait_ready
 
 @contextlib.contextmanager
 def prefill_decode_pair(
-    model_dir: Path, num_blocks: int, block_size: int
+    model_dir: Path, num_blocks: int, block_size: int, decode_args: Sequence[str] = ()
 ) -> Iterator[dict[str, Child]]:
-    """{"prefill": prefill-0, "decode": decode-0}, both ready; stopped (by PID) on exit."""
+    """{"prefill": prefill-0, "decode": decode-0}, both ready; stopped (by PID) on exit.
+    decode_args go last on the decode worker's command line (the last of an option wins)."""
     args = ["--model", str(model_dir), "--port", "0", "--num-blocks", str(num_blocks),
             "--max-model-len", "512", "--block-size", str(block_size)]  # fmt: skip
     children = {
         "prefill": spawn("prefill-0", "prefill_worker", [*args, "--worker-id", "prefill-0"]),
-        "decode": spawn("decode-0", "decode_worker", [*args, "--worker-id", "decode-0"]),
+        "decode": spawn(
+            "decode-0", "decode_worker", [*args, "--worker-id", "decode-0", *decode_args]
+        ),
     }
     try:
         for child in children.values():
