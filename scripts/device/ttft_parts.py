@@ -33,7 +33,7 @@ PARTS = (  # (metric, role or "" for the router, label)
     ),
     ("tandem_worker_remote_prefill_step_seconds[outcome]", "decode", "decode: sink outcome"),
     ("tandem_worker_remote_prefill_step_seconds[admit]", "decode", "decode: admit (1 command)"),
-    ("tandem_worker_request_duration_seconds", "prefill", "prefill: request in its engine"),
+    ("tandem_worker_request_duration_seconds", "prefill", "prefill: Prefill RPC in its servicer"),
     ("tandem_worker_request_queue_time_seconds", "prefill", "prefill: queued in its engine"),
     ("tandem_worker_kv_transfer_seconds", "prefill", "prefill: KV transfer"),
     ("tandem_worker_request_queue_time_seconds", "decode", "decode: queued in its engine"),
