@@ -106,8 +106,12 @@ class MeteredDecodeServicer(DecodeServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         start = time.monotonic()
         counted = False
+        first = True
         try:
             async for msg in super().Generate(request, context):
+                if first:
+                    first = False
+                    self.metrics.first_token(time.monotonic() - start)
                 if msg.finished and not counted:
                     counted = True
                     outcome = _FINISH_OUTCOMES.get(msg.finish_reason, "unknown")

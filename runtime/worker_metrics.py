@@ -160,6 +160,12 @@ class WorkerMetrics:
             "Generate (decode) or Prefill (prefill) RPC, start to end, whatever the outcome",
             _LATENCY_BUCKETS_S,
         )
+        self.ttft_s = histogram(
+            "tandem_worker_time_to_first_token_seconds",
+            "Decode: Generate RPC start to its first message handed to gRPC (the prompt computed "
+            "here or remotely, KV landed, admitted): the worker's part of the router's TTFT",
+            _LATENCY_BUCKETS_S,
+        )
         self.kv_bytes = counter(
             "tandem_worker_kv_transfer_bytes",
             "KV bytes written to decode workers (prefill) or landed from prefill workers (decode)",
@@ -233,6 +239,9 @@ class WorkerMetrics:
     def request_finished(self, outcome: str, duration_s: float) -> None:
         self._requests.labels(*self.labels.values(), outcome).inc()
         self.request_s.observe(duration_s)
+
+    def first_token(self, duration_s: float) -> None:
+        self.ttft_s.observe(duration_s)
 
     def abort_rpc(self, found: bool) -> None:
         self._aborts.labels(*self.labels.values(), "true" if found else "false").inc()
