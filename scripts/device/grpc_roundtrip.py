@@ -1,8 +1,13 @@
-"""The Prefill call's own cost: a client-streaming call shaped like the decode worker's (a
-3,000-id PrefillRequest, then a KVDestination, half-close, the reply) against a server in a
-child process that only reads the two messages, over loopback. Prints the client's round
-trip and the server handler's time (p50 of N calls, ms): their difference is gRPC's part of
-the decode worker's prefill_rpc step, without engines, NIXL or other threads.
+"""What one hop of the disagg critical path costs gRPC, without engines, NIXL or other threads:
+a server in a child process that only reads, and a client on loopback, p50 of N round trips.
+
+- `prefill call`: the decode worker's Prefill call as it is (client-streaming: the 3,000-id
+  PrefillRequest, then a KVDestination, half-close, the reply); also the server handler's own
+  time, so that their difference is gRPC's part of the `prefill_rpc` step;
+- `unary`: the same 3,000-id request as one unary call (the shape before 6c713f3);
+- `persistent stream`: the request and a 200-byte destination written on a bidirectional stream
+  opened once, one reply read per message (what a long-lived stream per decode/prefill pair
+  would pay per prompt).
 
     python3 scripts/device/grpc_roundtrip.py [N]     # from the repository root
 """
@@ -13,7 +18,7 @@ import asyncio
 import multiprocessing as mp
 import sys
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 
 import grpc
 
@@ -33,9 +38,28 @@ class _Servicer(pbg.PrefillWorkerServicer):
         )
 
 
+async def _echo_stream(
+    messages: AsyncIterable[bytes], context: grpc.aio.ServicerContext
+) -> AsyncIterator[bytes]:
+    async for _ in messages:
+        yield b"r"
+
+
+async def _unary(message: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    return b"r"
+
+
 async def _serve(ports: mp.Queue) -> None:  # type: ignore[type-arg]
     server = grpc.aio.server()
     pbg.add_PrefillWorkerServicer_to_server(_Servicer(), server)
+    generic = grpc.method_handlers_generic_handler(
+        "bench.Hop",
+        {
+            "Stream": grpc.stream_stream_rpc_method_handler(_echo_stream),
+            "Unary": grpc.unary_unary_rpc_method_handler(_unary),
+        },
+    )
+    server.add_generic_rpc_handlers((generic,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     ports.put(port)
@@ -46,11 +70,15 @@ def _server_main(ports: mp.Queue) -> None:  # type: ignore[type-arg]
     asyncio.run(_serve(ports))
 
 
-async def _client(port: int, n: int) -> tuple[float, float]:
+def _p50_ms(samples: list[float]) -> float:
+    return sorted(samples)[len(samples) // 2] * 1e3
+
+
+async def _client(port: int, n: int) -> dict[str, float]:
+    prompt = list(range(1000, 4000))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pbg.PrefillWorkerStub(channel)
-        prompt = list(range(1000, 4000))
-        round_trips, handler = [], []
+        call_s, handler_s = [], []
         for i in range(n):
             start = time.monotonic()
             call = stub.Prefill(timeout=30)
@@ -59,9 +87,31 @@ async def _client(port: int, n: int) -> tuple[float, float]:
             await call.write(pb.PrefillMessage(destination=pb.KVDestination(first_kv_block=0)))
             await call.done_writing()
             reply = await call
-            round_trips.append(time.monotonic() - start)
-            handler.append(reply.prefill_s)
-    return sorted(round_trips)[n // 2], sorted(handler)[n // 2]
+            call_s.append(time.monotonic() - start)
+            handler_s.append(reply.prefill_s)
+        payload = pb.PrefillRequest(request_id="x", prompt_token_ids=prompt).SerializeToString()
+        unary = channel.unary_unary("/bench.Hop/Unary")
+        unary_s = []
+        for _ in range(n):
+            start = time.monotonic()
+            await unary(payload)
+            unary_s.append(time.monotonic() - start)
+        stream = channel.stream_stream("/bench.Hop/Stream")()
+        stream_s = []
+        for _ in range(n):
+            start = time.monotonic()
+            await stream.write(payload)
+            await stream.write(b"d" * 200)
+            await stream.read()
+            await stream.read()
+            stream_s.append(time.monotonic() - start)
+        await stream.done_writing()
+    return {
+        "prefill call": _p50_ms(call_s),
+        "prefill call, server handler": _p50_ms(handler_s),
+        "unary": _p50_ms(unary_s),
+        "persistent stream": _p50_ms(stream_s),
+    }
 
 
 def main() -> None:
@@ -70,14 +120,13 @@ def main() -> None:
     child = mp.Process(target=_server_main, args=(ports,), daemon=True)
     child.start()
     try:
-        rt, handler = asyncio.run(_client(ports.get(timeout=30), n))
+        p50 = asyncio.run(_client(ports.get(timeout=30), n))
     finally:
         child.terminate()
         child.join()
-    print(
-        f"Prefill call shape, {n} calls: round trip p50 {rt * 1e3:.3f} ms, server handler p50 "
-        f"{handler * 1e3:.3f} ms, gRPC's part {(rt - handler) * 1e3:.3f} ms"
-    )
+    gap = p50["prefill call"] - p50["prefill call, server handler"]
+    print(f"{n} round trips each, p50 ms: " + ", ".join(f"{k} {v:.3f}" for k, v in p50.items()))
+    print(f"gRPC's part of the prefill call: {gap:.3f} ms")
 
 
 if __name__ == "__main__":
