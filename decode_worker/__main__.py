@@ -100,7 +100,7 @@ async def amain(ns: argparse.Namespace, argv: list[str]) -> None:
     pb_grpc.add_DecodeWorkerServicer_to_server(servicer, server)
 
     async def stop() -> None:
-        await servicer.prefill_clients.close()
+        await servicer.prefill_sessions.close()
         sink.close()
         engine.shutdown()
         if followers is not None:

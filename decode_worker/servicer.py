@@ -6,9 +6,10 @@ Block ownership on the remote path: blocks are reserved in the engine, leased to
 request owns them), or `cancel_kv_reservation` after the sink's KVReleased says no write of
 the transfer can land any more (fencing). Nothing else frees them.
 
-The Prefill call is client-streaming: it opens (the prefill worker starts computing) before the
-reservation, whose KV destination follows as its second message; a request that is not admitted
-cancels the call, which stops the prefill worker's compute and frees its side.
+The remote prefill goes over the decode worker's long-lived session with that prefill worker
+(decode_worker/prefill_session.py): its request is sent (the prefill worker starts computing)
+before the reservation, whose KV destination follows on the same stream; a request that is not
+admitted is cancelled by a message, which stops the prefill worker's compute and frees its side.
 
 Failures: a remote prefill that fails (the prefill worker died, mid-prefill or mid-transfer, or
 its KV did not land) is computed here instead: the reservation goes back behind the fence as
@@ -21,11 +22,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import grpc
 
+from decode_worker.prefill_session import PrefillSessions, RemotePrefill, RemotePrefillFailed
 from engine.async_engine import AsyncEngine
 from engine.block_manager import OutOfBlocks
 from engine.kv_reservation import KVReservation
@@ -38,42 +40,10 @@ from kv_transfer.sharded import ShardedSink
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
 from runtime import worker_rpc
-from runtime.grpc_server import GRPC_OPTIONS
-from runtime.tls import TlsFiles, open_channel
+from runtime.tls import TlsFiles
 from runtime.wire import FINISH_REASONS, logprob_to_proto, sampling_kwargs
 
 log = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
-
-
-class RemotePrefillFailed(RuntimeError):
-    """The prompt's KV could not be obtained from the prefill worker."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason  # a metric label: no_sink, a gRPC code name, or a KVLost reason
-
-
-class PrefillClients:
-    """One gRPC channel per prefill worker address, opened on first use (TLS when the worker
-    was given --grpc-tls-* files: the prefill workers serve with the same ones)."""
-
-    def __init__(self, tls: TlsFiles | None = None) -> None:
-        self._tls = tls
-        self._stubs: dict[str, pb_grpc.PrefillWorkerStub] = {}
-        self._channels: list[grpc.aio.Channel] = []
-
-    def stub(self, address: str) -> pb_grpc.PrefillWorkerStub:
-        if address not in self._stubs:
-            channel = open_channel(address, self._tls, GRPC_OPTIONS)
-            self._channels.append(channel)
-            self._stubs[address] = pb_grpc.PrefillWorkerStub(channel)
-        return self._stubs[address]
-
-    async def close(self) -> None:
-        for channel in self._channels:
-            await channel.close()
 
 
 class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
@@ -89,7 +59,7 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         self.engine = engine
         self.sink = sink
         self.lease_s = lease_s  # how long reserved blocks wait for the prefill worker's KV
-        self.prefill_clients = PrefillClients(tls)
+        self.prefill_sessions = PrefillSessions(tls)
         # _release_after_fence / hash_awaiting_prompt in progress
         self._releases: set[asyncio.Task[None]] = set()
 
@@ -178,10 +148,10 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         """Have the prefill worker compute the prompt while blocks are reserved here, then
         write its KV into them; admit.
 
-        The Prefill call (client-streaming) opens first with what the compute needs; the
-        reservation and the sink's lease run meanwhile and their KV destination goes as the
-        second message, which the prefill worker needs only once its compute is done: reserve
-        and lease are off the critical path unless they outlast the compute.
+        The request goes first on the session with what the compute needs; the reservation
+        and the sink's lease run meanwhile and their KV destination follows it, needed by the
+        prefill worker only once its compute is done: reserve and lease are off the critical
+        path unless they outlast the compute.
 
         Returns the request's output stream (its first output is the prefill worker's token),
         the KV write time (seconds) and the prompt tokens the prefill worker had cached.
@@ -203,34 +173,39 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         reservation = asyncio.ensure_future(
             self.engine.call(lambda e: e.reserve_kv(rid, prompt, params))
         )
-        # Ended below unless the request was admitted: cancelling it makes the prefill worker
-        # stop its compute and withdraw its claim (a no-op once the call is over).
-        call = self.prefill_clients.stub(remote.prefill_address).Prefill(timeout=self.lease_s)
+        # Closed below unless the request was admitted: a request still pending is cancelled,
+        # which makes the prefill worker stop its compute and withdraw its claim.
+        prefill: RemotePrefill | None = None
         admitted = False
         try:
+            prefill = self.prefill_sessions.session(
+                remote.prefill_address, remote.prefill_worker_id
+            ).open(rid, self.lease_s)
             opening = pb.PrefillRequest(
                 request_id=rid,
                 prompt_token_ids=prompt,
                 sampling=request.sampling,
                 deadline_unix_s=request.deadline_unix_s,
             )
-            await self._rpc(remote, call, call.write(pb.PrefillMessage(request=opening)))
+            await prefill.send(pb.PrefillUp(request=opening))
             reserved = await asyncio.shield(reservation)
             reserved_at = clock.span("reserve", clock.start)
             # queued behind the reservation, run by the engine thread while the lease and the
-            # Prefill RPC go on: the prompt's block hashes past the first miss, so that
+            # remote prefill go on: the prompt's block hashes past the first miss, so that
             # admission need not
             self._background(self.engine.call(lambda e: e.hash_awaiting_prompt(rid)))
             # only the blocks our prefix cache lacks are leased and written (the hits are ours,
             # read only: no remote write may touch them)
             handle = await asyncio.shield(sink.expect(rid, reserved.write_block_ids, self.lease_s))
             clock.span("lease", reserved_at)
-            destination = pb.KVDestination(
-                kv=_handle_to_proto(handle), first_kv_block=reserved.num_hit_blocks
+            destination = pb.PrefillDestination(
+                request_id=rid,
+                destination=pb.KVDestination(
+                    kv=_handle_to_proto(handle), first_kv_block=reserved.num_hit_blocks
+                ),
             )
-            await self._rpc(remote, call, call.write(pb.PrefillMessage(destination=destination)))
-            await self._rpc(remote, call, call.done_writing())
-            reply: pb.PrefillResponse = await self._rpc(remote, call, call)
+            await prefill.send(pb.PrefillUp(destination=destination))
+            reply = await prefill.reply()
             clock.lap("prefill_rpc")
             clock.report("destination_wait", reply.destination_wait_s)
             outcome = await sink.outcome(rid)
@@ -251,32 +226,10 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
             self.on_kv_reuse(reserved.num_hit_blocks)
             return outputs, reply.kv_transfer_s, reply.cached_tokens
         finally:
+            if prefill is not None:
+                prefill.close()  # a no-op once its reply came
             if not admitted:
-                call.cancel()
                 self._background(self._release_after_fence(rid, reservation))
-
-    @staticmethod
-    async def _rpc(
-        remote: pb.RemotePrefill, call: grpc.aio.StreamUnaryCall[Any, Any], step: Awaitable[_T]
-    ) -> _T:
-        """One step of the Prefill call; its failure is the remote prefill's."""
-        try:
-            try:
-                return await step
-            except asyncio.InvalidStateError:
-                # a write to a call that has ended already (the prefill worker failed or went
-                # away before it had the destination): its status says why
-                await call
-                raise RemotePrefillFailed(  # an OK reply without a destination: a broken peer
-                    f"prefill worker {remote.prefill_worker_id} replied before it had the KV "
-                    "destination",
-                    "protocol",
-                ) from None
-        except grpc.aio.AioRpcError as e:
-            raise RemotePrefillFailed(
-                f"prefill worker {remote.prefill_worker_id} failed: {e.code().name}: {e.details()}",
-                e.code().name.lower(),
-            ) from e
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

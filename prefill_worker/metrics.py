@@ -1,5 +1,5 @@
 """Every metric a prefill worker exports: the shared set of runtime/worker_metrics.py, fed from
-the engine's steps (AsyncEngine on_step), the Prefill RPC's outcome and the KV source's
+the engine's steps (AsyncEngine on_step), each remote prefill's outcome and the KV source's
 SendDone / SendFailed (one per send, every rank's part included). The two classes below wrap
 the servicer and the source, so the request path itself carries no metrics code; `__main__`
 wires them in place of the plain ones.
@@ -7,8 +7,9 @@ wires them in place of the plain ones.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterable, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -16,7 +17,8 @@ from engine.async_engine import AsyncEngine
 from kv_transfer.base import KVHandle, SendDone, SendFailed
 from kv_transfer.endpoint_thread import SourceThread
 from kv_transfer.sharded import ShardedSource
-from prefill_worker.servicer import PrefillServicer
+from prefill_worker.servicer import Destination, PrefillServicer
+from prefill_worker.session import PrefillRefused
 from proto import tandem_pb2 as pb
 from runtime import worker_rpc
 from runtime.worker_metrics import WorkerMetrics, outcome_of
@@ -50,8 +52,9 @@ class MeteredShardedSource(ShardedSource):
 
 
 class MeteredPrefillServicer(PrefillServicer):
-    """PrefillServicer that counts each Prefill RPC by outcome (ok, cancelled, or the gRPC
-    code it failed with) before its reply leaves, and each Abort RPC."""
+    """PrefillServicer that counts each remote prefill (one request of a PrefillSession) by
+    outcome (ok, cancelled, or the status code it failed with) before its reply is queued, and
+    each Abort RPC."""
 
     def __init__(
         self,
@@ -63,17 +66,17 @@ class MeteredPrefillServicer(PrefillServicer):
         super().__init__(identity, engine, source)
         self.metrics = metrics
 
-    async def Prefill(
-        self, messages: AsyncIterable[pb.PrefillMessage], context: grpc.aio.ServicerContext
+    async def prefill(
+        self, request: pb.PrefillRequest, destination: asyncio.Future[Destination]
     ) -> pb.PrefillResponse:
         start = time.monotonic()
         outcome = "cancelled"
         try:
-            reply = await super().Prefill(messages, context)
+            reply = await super().prefill(request, destination)
             outcome = "ok"
             return reply
         except BaseException as e:
-            outcome = outcome_of(e, context.code())
+            outcome = outcome_of(e, e.code if isinstance(e, PrefillRefused) else None)
             raise
         finally:
             self.metrics.request_finished(outcome, time.monotonic() - start)

@@ -3,21 +3,22 @@ into the decode worker's reserved blocks, then free our copy. Only the prompt bl
 KVDestination.first_kv_block on are written: the decode worker holds the ones before in its
 own prefix cache (this worker still computes whatever its own, separate cache lacks).
 
-The call is client-streaming (proto/tandem.proto, PrefillMessage): the request comes first and
-goes to the engine at once; the KV destination comes second, while the prompt is computed (the
-decode worker reserves and leases its blocks meanwhile), and is needed only for the write. The
-lease is claimed when the destination arrives (ShardedSource.prepare), concurrently with the
-compute, so the write after prefill posts with no round trip; fencing is unchanged (a lease
-lost meanwhile fails the send). A request that ends without a send (bad input, engine error,
-the stream ended without a destination, caller gone) withdraws its claim if it made one
-(ShardedSource.cancel), so the decode side frees its blocks.
+Requests arrive on a decode worker's long-lived PrefillSession stream (prefill_worker/
+session.py multiplexes; `prefill` here is the one per-request path): the request comes first
+and goes to the engine at once; its KV destination comes later on the same stream, while the
+prompt is computed (the decode worker reserves and leases its blocks meanwhile), and is needed
+only for the write. The lease is claimed when the destination arrives (`destination`, run by
+the session's reader), concurrently with the compute, so the write after prefill posts with no
+round trip; fencing is unchanged (a lease lost meanwhile fails the send). A request that ends
+without a send (bad input, engine error, cancelled by a PrefillCancel or by its session's end)
+withdraws its claim if it made one (ShardedSource.cancel), so the decode side frees its blocks.
 
 Block ownership: the request's blocks stay pinned in our engine after it finishes
 (hold_kv_on_finish) until the send has ended one way or the other; `release_kv` once the send
 is over (`_release_after_send`, a task: the reply does not wait for the engine's next step
-boundary) is their one free path. If the call ends before the finish was seen (the destination
-failed, the caller went away), cancelling the compute task leaves the engine stream early, and
-its abort frees them (Engine.abort also frees a finished request's held blocks).
+boundary) is their one free path. If the request ends before the finish was seen (the
+destination failed, it was cancelled), cancelling the compute task leaves the engine stream
+early, and its abort frees them (Engine.abort also frees a finished request's held blocks).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from kv_transfer.base import KVHandle, KVRankLease, SendFailed
 from kv_transfer.sharded import ShardedSource
+from prefill_worker.session import PrefillRefused, PrefillSession
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
 from runtime import worker_rpc
@@ -43,7 +45,7 @@ from runtime.wire import logprob_to_proto, sampling_kwargs
 
 
 @dataclasses.dataclass(frozen=True)
-class _Destination:
+class Destination:
     """The call's second message, converted; its claim was started the moment it arrived."""
 
     handle: KVHandle
@@ -71,22 +73,32 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
         # _release_after_send / _withdraw in progress
         self._releases: set[asyncio.Task[None]] = set()
 
-    async def Prefill(
-        self, messages: AsyncIterable[pb.PrefillMessage], context: grpc.aio.ServicerContext
+    async def PrefillSession(
+        self, up: AsyncIterable[pb.PrefillUp], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PrefillDown]:
+        """A decode worker's long-lived stream: every request on it runs `prefill`."""
+        async for down in PrefillSession(self).run(up):
+            yield down
+
+    def destination(self, msg: pb.KVDestination) -> Destination:
+        """A request's destination, converted; its lease is claimed at once (the claim
+        overlaps the compute). ValueError: unusable (the request fails INVALID_ARGUMENT)."""
+        handle = _handle_from_proto(msg.kv)
+        self.source.route(handle)  # a decode worker of a TP we cannot feed: refused now
+        claim = asyncio.ensure_future(self.source.prepare(handle))
+        return Destination(handle, int(msg.first_kv_block), claim, time.monotonic())
+
+    async def prefill(
+        self, request: pb.PrefillRequest, destination: asyncio.Future[Destination]
     ) -> pb.PrefillResponse:
-        stream = aiter(messages)
-        opening = await anext(stream, None)
-        if opening is None or opening.WhichOneof("part") != "request":
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "a Prefill call opens with a PrefillMessage carrying its request",
-            )
-        request = opening.request
+        """One remote prefill: compute at once, meet the destination (resolved by the
+        session when it arrives), send, reply. PrefillRefused: the request's error; cancelled
+        (a PrefillCancel, the session ended): frees the same way."""
         rid = request.request_id
         try:
             params = SamplingParams(**sampling_kwargs(request.sampling))
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise PrefillRefused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         # The first token only: stop strings and later limits are the decode worker's business.
         first_params = dataclasses.replace(
             params, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=()
@@ -95,15 +107,14 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
         compute = asyncio.ensure_future(
             self._compute(rid, list(request.prompt_token_ids), first_params)
         )
-        destination = asyncio.ensure_future(self._destination(stream))
         sending = False
         try:
-            # Both run at once; a failed destination (bad handle, the stream ended without it)
-            # stops the compute at once (finally), and a failed compute the wait for it.
+            # Both at once; a failed destination (bad handle) stops the compute at once
+            # (finally), and a failed compute the wait for the destination.
             await asyncio.wait({compute, destination}, return_when=asyncio.FIRST_EXCEPTION)
             for part in (destination, compute):
                 if part.done() and isinstance(part.exception(), ValueError):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(part.exception()))
+                    raise PrefillRefused(grpc.StatusCode.INVALID_ARGUMENT, str(part.exception()))
             computed, dest = compute.result(), destination.result()  # any other error: raised
             last, handle, first_block = computed.last, dest.handle, dest.first_block
             prefill_s = computed.done - start
@@ -124,23 +135,23 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
                 except ValueError as e:  # this transfer is in flight already (a duplicate)
                     problem = str(e)
             if problem is not None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+                raise PrefillRefused(grpc.StatusCode.INVALID_ARGUMENT, problem)
             sending = True  # no await between this and the send's start
             send = asyncio.ensure_future(self.source.send(handle, held))
         finally:
-            if not sending:  # tasks: a cancelled caller must still free and give the claim back
+            if not sending:  # tasks: a cancelled request must still free and give the claim back
                 self._end_without_send(rid, compute, destination)
         try:
             result = await asyncio.shield(send)
         finally:
             # The held blocks are freed once the send has ended (SendDone / SendFailed: the
-            # source reads them no more), also when the caller went away meanwhile. Never
+            # source reads them no more), also when the request was cancelled meanwhile. Never
             # awaited here: the release is an engine command, which runs only at the engine's
             # next step boundary (under load, up to a whole prefill chunk later), and the reply
             # (the decode worker's first token) must not wait for it.
             self._background(self._release_after_send(rid, send))
         if isinstance(result, SendFailed):
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {result.error}")
+            raise PrefillRefused(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {result.error}")
         response = pb.PrefillResponse(
             request_id=rid,
             first_token_id=last.new_token_ids[0],
@@ -164,23 +175,11 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
         assert last is not None and last.finished
         return _Computed(last, time.monotonic())
 
-    async def _destination(self, stream: AsyncIterator[pb.PrefillMessage]) -> _Destination:
-        """Reads the call's second message and claims its lease at once. Cancelling it while it
-        waits for the message claims nothing (no await between the message and the claim)."""
-        msg = await anext(stream, None)
-        if msg is None or msg.WhichOneof("part") != "destination":
-            got = "the end of the stream" if msg is None else f"a second {msg.WhichOneof('part')}"
-            raise ValueError(f"a Prefill call's second message is its KV destination, not {got}")
-        handle = _handle_from_proto(msg.destination.kv)
-        self.source.route(handle)  # a decode worker of a TP we cannot feed: refused now
-        claim = asyncio.ensure_future(self.source.prepare(handle))  # overlaps the compute
-        return _Destination(handle, int(msg.destination.first_kv_block), claim, time.monotonic())
-
     def _end_without_send(
         self,
         rid: str,
         compute: asyncio.Future[_Computed],
-        destination: asyncio.Future[_Destination],
+        destination: asyncio.Future[Destination],
     ) -> None:
         """The one free path of a call that sends nothing: the compute is stopped (the engine
         stream's abort frees) or, if it finished, its held blocks released; a claim made is
@@ -190,7 +189,7 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
         elif not compute.cancelled() and compute.exception() is None:
             self._background(self.engine.call(lambda engine: engine.release_kv(rid)))
         if not destination.done():
-            destination.cancel()
+            destination.cancel()  # a destination arriving later is refused (the session)
         elif not destination.cancelled() and destination.exception() is None:
             dest = destination.result()
             self._background(self._withdraw(dest.claim, dest.handle))

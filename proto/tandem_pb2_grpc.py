@@ -34,10 +34,10 @@ class PrefillWorkerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Prefill = channel.stream_unary(
-                '/tandem.v1.PrefillWorker/Prefill',
-                request_serializer=proto_dot_tandem__pb2.PrefillMessage.SerializeToString,
-                response_deserializer=proto_dot_tandem__pb2.PrefillResponse.FromString,
+        self.PrefillSession = channel.stream_stream(
+                '/tandem.v1.PrefillWorker/PrefillSession',
+                request_serializer=proto_dot_tandem__pb2.PrefillUp.SerializeToString,
+                response_deserializer=proto_dot_tandem__pb2.PrefillDown.FromString,
                 _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/tandem.v1.PrefillWorker/Abort',
@@ -64,7 +64,7 @@ class PrefillWorkerStub:
 class PrefillWorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Prefill(self, request_iterator, context):
+    def PrefillSession(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,10 +97,10 @@ class PrefillWorkerServicer:
 
 def add_PrefillWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Prefill': grpc.stream_unary_rpc_method_handler(
-                    servicer.Prefill,
-                    request_deserializer=proto_dot_tandem__pb2.PrefillMessage.FromString,
-                    response_serializer=proto_dot_tandem__pb2.PrefillResponse.SerializeToString,
+            'PrefillSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.PrefillSession,
+                    request_deserializer=proto_dot_tandem__pb2.PrefillUp.FromString,
+                    response_serializer=proto_dot_tandem__pb2.PrefillDown.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -134,7 +134,7 @@ class PrefillWorker:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Prefill(request_iterator,
+    def PrefillSession(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -144,12 +144,12 @@ class PrefillWorker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
+        return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/tandem.v1.PrefillWorker/Prefill',
-            proto_dot_tandem__pb2.PrefillMessage.SerializeToString,
-            proto_dot_tandem__pb2.PrefillResponse.FromString,
+            '/tandem.v1.PrefillWorker/PrefillSession',
+            proto_dot_tandem__pb2.PrefillUp.SerializeToString,
+            proto_dot_tandem__pb2.PrefillDown.FromString,
             options,
             channel_credentials,
             insecure,

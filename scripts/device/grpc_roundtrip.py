@@ -1,13 +1,14 @@
 """What one hop of the disagg critical path costs gRPC, without engines, NIXL or other threads:
 a server in a child process that only reads, and a client on loopback, p50 of N round trips.
 
-- `prefill call`: the decode worker's Prefill call as it is (client-streaming: the 3,000-id
-  PrefillRequest, then a KVDestination, half-close, the reply); also the server handler's own
-  time, so that their difference is gRPC's part of the `prefill_rpc` step;
+- `prefill session`: a remote prefill as the decode worker sends it now, through the real
+  session code on both sides (decode_worker/prefill_session.py, prefill_worker/session.py) over
+  one PrefillSession stream opened once: the 3,000-id PrefillRequest, then its destination,
+  the reply; also the prefill-side request's own time, so that their difference is gRPC's (and
+  the multiplexing's) part of the `prefill_rpc` step;
 - `unary`: the same 3,000-id request as one unary call (the shape before 6c713f3);
 - `persistent stream`: the request and a 200-byte destination written on a bidirectional stream
-  opened once, one reply read per message (what a long-lived stream per decode/prefill pair
-  would pay per prompt).
+  opened once, one reply read per message (the raw floor of the session above).
 
     python3 scripts/device/grpc_roundtrip.py [N]     # from the repository root
 """
@@ -22,20 +23,34 @@ from collections.abc import AsyncIterable, AsyncIterator
 
 import grpc
 
+from decode_worker.prefill_session import PrefillSessions
+from prefill_worker.session import PrefillSession
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pbg
 
 
-class _Servicer(pbg.PrefillWorkerServicer):
-    async def Prefill(
-        self, messages: AsyncIterable[pb.PrefillMessage], context: grpc.aio.ServicerContext
+class _Prefiller:
+    """The prefill side's per-request work, none: the reply once the destination arrived."""
+
+    def destination(self, msg: pb.KVDestination) -> pb.KVDestination:
+        return msg
+
+    async def prefill(
+        self, request: pb.PrefillRequest, destination: asyncio.Future[pb.KVDestination]
     ) -> pb.PrefillResponse:
         start = time.monotonic()
-        async for _ in messages:
-            pass
+        await destination
         return pb.PrefillResponse(
-            request_id="x", first_token_id=1, prefill_s=time.monotonic() - start
+            request_id=request.request_id, first_token_id=1, prefill_s=time.monotonic() - start
         )
+
+
+class _Servicer(pbg.PrefillWorkerServicer):
+    async def PrefillSession(
+        self, up: AsyncIterable[pb.PrefillUp], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PrefillDown]:
+        async for down in PrefillSession(_Prefiller()).run(up):
+            yield down
 
 
 async def _echo_stream(
@@ -77,18 +92,23 @@ def _p50_ms(samples: list[float]) -> float:
 async def _client(port: int, n: int) -> dict[str, float]:
     prompt = list(range(1000, 4000))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = pbg.PrefillWorkerStub(channel)
+        sessions = PrefillSessions()
+        session = sessions.session(f"127.0.0.1:{port}", "bench")
         call_s, handler_s = [], []
         for i in range(n):
             start = time.monotonic()
-            call = stub.Prefill(timeout=30)
+            prefill = session.open(str(i), 30.0)
             request = pb.PrefillRequest(request_id=str(i), prompt_token_ids=prompt)
-            await call.write(pb.PrefillMessage(request=request))
-            await call.write(pb.PrefillMessage(destination=pb.KVDestination(first_kv_block=0)))
-            await call.done_writing()
-            reply = await call
+            await prefill.send(pb.PrefillUp(request=request))
+            destination = pb.PrefillDestination(
+                request_id=str(i), destination=pb.KVDestination(first_kv_block=0)
+            )
+            await prefill.send(pb.PrefillUp(destination=destination))
+            reply = await prefill.reply()
+            prefill.close()
             call_s.append(time.monotonic() - start)
             handler_s.append(reply.prefill_s)
+        await sessions.close()
         payload = pb.PrefillRequest(request_id="x", prompt_token_ids=prompt).SerializeToString()
         unary = channel.unary_unary("/bench.Hop/Unary")
         unary_s = []
@@ -107,8 +127,8 @@ async def _client(port: int, n: int) -> dict[str, float]:
             stream_s.append(time.monotonic() - start)
         await stream.done_writing()
     return {
-        "prefill call": _p50_ms(call_s),
-        "prefill call, server handler": _p50_ms(handler_s),
+        "prefill session": _p50_ms(call_s),
+        "prefill session, server request": _p50_ms(handler_s),
         "unary": _p50_ms(unary_s),
         "persistent stream": _p50_ms(stream_s),
     }
@@ -124,9 +144,9 @@ def main() -> None:
     finally:
         child.terminate()
         child.join()
-    gap = p50["prefill call"] - p50["prefill call, server handler"]
+    gap = p50["prefill session"] - p50["prefill session, server request"]
     print(f"{n} round trips each, p50 ms: " + ", ".join(f"{k} {v:.3f}" for k, v in p50.items()))
-    print(f"gRPC's part of the prefill call: {gap:.3f} ms")
+    print(f"gRPC's part of a remote prefill on the session: {gap:.3f} ms")
 
 
 if __name__ == "__main__":

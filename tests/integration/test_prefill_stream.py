@@ -1,25 +1,31 @@
-"""The Prefill call is client-streaming (request first, KV destination second, while the
-prompt computes): every way it ends without a send frees the prefill worker's blocks, and the
-decode worker's. Real processes, driven through their gRPC servers."""
+"""Remote prefills go over one long-lived PrefillSession stream per (decode, prefill) pair:
+per request, its request first, its KV destination later (while the prompt computes), or a
+cancel. Every way a request ends without a send frees the prefill worker's blocks, and the
+decode worker's; a per-request error leaves the session usable; a broken session falls back to
+local prefills. Real processes, driven through their gRPC servers."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from deploy.local_cluster import Child
+from deploy.local_cluster import Child, spawn, stop_children, wait_ready
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
 from tests.integration.worker_pair import prefill_decode_pair
 
 BLOCK_SIZE = 16
 # the decode worker takes prompts up to 128 tokens: a 200-token prompt's reservation fails
-# there (after the Prefill call opened), while the prefill worker (512) computes it
+# there (after the request was sent), while the prefill worker (512) computes it
 DECODE_ARGS = ("--max-model-len", "128", "--num-blocks", "16")
 SAMPLING = pb.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
@@ -30,10 +36,58 @@ def workers(tiny_chat_model_dir: Path) -> Iterator[dict[str, Child]]:
         yield children
 
 
-def _opening(rid: str, prompt: list[int]) -> pb.PrefillMessage:
-    return pb.PrefillMessage(
+def _request(rid: str, prompt: list[int]) -> pb.PrefillUp:
+    return pb.PrefillUp(
         request=pb.PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=SAMPLING)
     )
+
+
+def _destination(rid: str, kv: pb.KVHandle | None = None) -> pb.PrefillUp:
+    destination = pb.PrefillDestination(request_id=rid, destination=pb.KVDestination(kv=kv))
+    return pb.PrefillUp(destination=destination)
+
+
+def _cancel(rid: str) -> pb.PrefillUp:
+    return pb.PrefillUp(cancel=pb.PrefillCancel(request_id=rid))
+
+
+def _generate_request(rid: str, prompt: list[int], prefill: str | None) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling=SAMPLING)
+    if prefill is None:
+        req.prefill.local.SetInParent()
+    else:
+        req.prefill.remote.prefill_worker_id = "prefill-0"
+        req.prefill.remote.prefill_address = prefill
+    return req
+
+
+async def _generate(decode: str, req: pb.GenerateRequest) -> list[int]:
+    async with grpc.aio.insecure_channel(decode) as channel:
+        return [
+            t async for msg in pb_grpc.DecodeWorkerStub(channel).Generate(req)
+            for t in msg.token_ids
+        ]  # fmt: skip
+
+
+def _counter(address: str, role: str, name: str) -> float:
+    """The sum of a worker's counter `name` over its labels (its Prometheus /metrics)."""
+
+    async def health() -> pb.HealthResponse:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.DecodeWorkerStub if role == "decode" else pb_grpc.PrefillWorkerStub
+            reply: pb.HealthResponse = await stub(channel).Health(pb.HealthRequest())  # type: ignore[attr-defined]
+            return reply
+
+    text = httpx.get(f"http://{asyncio.run(health()).metrics_address}/metrics", timeout=10).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    )
+
+
+FALLBACKS = "tandem_worker_remote_prefill_fallbacks_total"
 
 
 async def _audit(address: str, role: str, settle_s: float = 20.0) -> pb.BlockAudit:
@@ -61,77 +115,80 @@ async def _held(address: str, rid: str) -> None:
 
 
 @pytest.mark.parametrize("when", ["computing", "computed"])
-def test_a_call_cancelled_before_its_destination_frees_the_prefill(
+def test_a_request_cancelled_before_its_destination_frees_the_prefill(
     workers: dict[str, Child], when: str
 ) -> None:
-    """The decode side's reservation failed (it cancels the call) while the prompt was still
-    computing, or after it was computed and held for the send."""
+    """The decode side's reservation failed (it sends a cancel) while the prompt was still
+    computing, or after it was computed and held for the send: the request is answered
+    CANCELLED, and the session goes on (a destination for it now is an unknown id's error)."""
     prefill = workers["prefill"].address
+    rid = f"cancel-{when}"
 
-    async def run() -> grpc.StatusCode:
+    async def run() -> list[pb.PrefillError]:
         async with grpc.aio.insecure_channel(prefill) as channel:
-            call = pb_grpc.PrefillWorkerStub(channel).Prefill(timeout=30)
-            await call.write(_opening(f"cancel-{when}", list(range(500, 700))))
+            call = pb_grpc.PrefillWorkerStub(channel).PrefillSession(timeout=30)
+            await call.write(_request(rid, list(range(500, 700))))
             if when == "computed":
-                await _held(prefill, f"cancel-{when}")
-            call.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await call
-            return await call.code()
+                await _held(prefill, rid)
+            await call.write(_cancel(rid))
+            first = await call.read()
+            await call.write(_destination(rid))
+            second = await call.read()
+            await call.done_writing()
+            assert await call.read() == grpc.aio.EOF
+            assert await call.code() == grpc.StatusCode.OK
+            return [first.error, second.error]
 
-    assert asyncio.run(run()) == grpc.StatusCode.CANCELLED
+    cancelled, unknown = asyncio.run(run())
+    assert (cancelled.request_id, cancelled.code) == (rid, "CANCELLED"), cancelled
+    assert (unknown.request_id, unknown.code) == (rid, "FAILED_PRECONDITION"), unknown
     audit = asyncio.run(_audit(prefill, "prefill"))
     assert audit.error == "" and audit.num_used == 0 and not audit.holders, audit
 
 
-@pytest.mark.parametrize("second", ["none", "request", "no_kv"])
-def test_a_call_without_a_destination_is_invalid_and_frees(
-    workers: dict[str, Child], second: str
-) -> None:
-    """The stream ends (or goes on) without a usable KV destination: INVALID_ARGUMENT, with
-    the reason, once the prompt is computed and held; the held blocks are freed."""
+@pytest.mark.parametrize("ending", ["session_end", "no_kv"])
+def test_a_request_without_a_destination_frees(workers: dict[str, Child], ending: str) -> None:
+    """The session ends while a computed request waits for its destination (the request is
+    cancelled with it), or the destination is unusable (INVALID_ARGUMENT for that request, with
+    the reason; the session goes on): the held blocks are freed either way."""
     prefill = workers["prefill"].address
-    rid = f"nodest-{second}"
+    rid = f"nodest-{ending}"
 
-    async def run() -> grpc.aio.AioRpcError:
+    async def run() -> list[pb.PrefillDown]:
         async with grpc.aio.insecure_channel(prefill) as channel:
-            call = pb_grpc.PrefillWorkerStub(channel).Prefill(timeout=30)
-            await call.write(_opening(rid, list(range(800, 900))))
+            call = pb_grpc.PrefillWorkerStub(channel).PrefillSession(timeout=30)
+            await call.write(_request(rid, list(range(800, 900))))
             await _held(prefill, rid)
-            if second == "request":
-                await call.write(_opening(rid, [1, 2, 3]))
-            elif second == "no_kv":
-                await call.write(pb.PrefillMessage(destination=pb.KVDestination()))
+            if ending == "no_kv":
+                await call.write(_destination(rid))
+                down = await call.read()
+                assert down != grpc.aio.EOF
+                return [down]
             await call.done_writing()
-            with pytest.raises(grpc.aio.AioRpcError) as e:
-                await call
-            return e.value
+            assert await call.read() == grpc.aio.EOF
+            assert await call.code() == grpc.StatusCode.OK
+            return []
 
-    error = asyncio.run(run())
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error
-    assert ("KV handle" if second == "no_kv" else "KV destination") in (error.details() or "")
+    downs = asyncio.run(run())
+    if ending == "no_kv":
+        (error,) = (d.error for d in downs)
+        assert (error.request_id, error.code) == (rid, "INVALID_ARGUMENT"), error
+        assert "KV handle" in error.message
     audit = asyncio.run(_audit(prefill, "prefill"))
     assert audit.error == "" and audit.num_used == 0 and not audit.holders, audit
 
 
 def test_a_failed_reservation_ends_the_started_prefill(workers: dict[str, Child]) -> None:
-    """The Prefill call opens before the decode worker reserves: a prompt its pool cannot hold
-    is refused there, the call is cancelled, and neither worker keeps a block; the same
+    """The request is sent before the decode worker reserves: a prompt its pool cannot hold
+    is refused there, the request is cancelled, and neither worker keeps a block; the same
     pair then serves a remote prefill that fits."""
     decode, prefill = workers["decode"].address, workers["prefill"].address
 
     def request(rid: str, prompt: list[int]) -> pb.GenerateRequest:
-        req = pb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling=SAMPLING)
-        req.prefill.remote.prefill_worker_id = "prefill-0"
-        req.prefill.remote.prefill_address = prefill
-        return req
+        return _generate_request(rid, prompt, prefill)
 
     async def generate(req: pb.GenerateRequest) -> list[int]:
-        async with grpc.aio.insecure_channel(decode) as channel:
-            return [
-                t async for msg in pb_grpc.DecodeWorkerStub(channel).Generate(req)
-                for t in msg.token_ids
-            ]  # fmt: skip
+        return await _generate(decode, req)
 
     with pytest.raises(grpc.aio.AioRpcError) as e:
         asyncio.run(generate(request("too-big", list(range(1000, 1200)))))
@@ -142,26 +199,83 @@ def test_a_failed_reservation_ends_the_started_prefill(workers: dict[str, Child]
     assert len(asyncio.run(generate(request("fits", list(range(1000, 1060)))))) == 4
 
 
-def test_a_call_that_ends_before_its_destination_falls_back(workers: dict[str, Child]) -> None:
-    """The peer ends the call before the destination is written (here a server without the
-    Prefill method: UNIMPLEMENTED at once; a prefill worker that died mid-compute alike): the
-    decode worker prefills the prompt itself, same tokens, and keeps no reserved block."""
+def test_a_session_that_ends_before_its_destination_falls_back(
+    workers: dict[str, Child],
+) -> None:
+    """The peer ends the session before the destination is written (here a server without the
+    PrefillSession method: UNIMPLEMENTED at once; a prefill worker that died mid-compute
+    alike): the decode worker prefills the prompt itself, same tokens, and keeps no reserved
+    block."""
     decode = workers["decode"].address
     prompt = list(range(2000, 2060))
-
-    async def generate(rid: str, prefill_address: str | None) -> list[int]:
-        req = pb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling=SAMPLING)
-        if prefill_address is None:
-            req.prefill.local.SetInParent()
-        else:
-            req.prefill.remote.prefill_worker_id = "not-a-prefill-worker"
-            req.prefill.remote.prefill_address = prefill_address
-        async with grpc.aio.insecure_channel(decode) as channel:
-            return [
-                t async for msg in pb_grpc.DecodeWorkerStub(channel).Generate(req)
-                for t in msg.token_ids
-            ]  # fmt: skip
-
-    assert asyncio.run(generate("ended-early", decode)) == asyncio.run(generate("local", None))
+    req = _generate_request("ended-early", prompt, decode)
+    req.prefill.remote.prefill_worker_id = "not-a-prefill-worker"
+    local = _generate_request("local", prompt, None)
+    assert asyncio.run(_generate(decode, req)) == asyncio.run(_generate(decode, local))
     audit = asyncio.run(_audit(decode, "decode"))
     assert audit.error == "" and audit.num_used == 0 and not audit.holders, audit
+
+
+def test_concurrent_requests_share_one_session(workers: dict[str, Child]) -> None:
+    """Two remote prefills at once on the decode worker's one session with the prefill worker:
+    both served remotely (no fallback), same tokens as local prefills, no block kept."""
+    decode, prefill = workers["decode"].address, workers["prefill"].address
+    prompts = [list(range(3000, 3050)), list(range(3100, 3170))]
+    fallbacks = _counter(decode, "decode", FALLBACKS)
+
+    async def both() -> list[list[int]]:
+        reqs = [_generate_request(f"both-{i}", p, prefill) for i, p in enumerate(prompts)]
+        return list(await asyncio.gather(*(_generate(decode, r) for r in reqs)))
+
+    remote = asyncio.run(both())
+    local = [asyncio.run(_generate(decode, _generate_request(f"loc-{i}", p, None)))
+             for i, p in enumerate(prompts)]  # fmt: skip
+    assert remote == local
+    assert _counter(decode, "decode", FALLBACKS) == fallbacks
+    for address, role in ((decode, "decode"), (prefill, "prefill")):
+        audit = asyncio.run(_audit(address, role))
+        assert audit.error == "" and audit.num_used == 0 and not audit.holders, (role, audit)
+
+
+def test_a_restarted_prefill_worker_gets_a_new_session(
+    workers: dict[str, Child], tiny_chat_model_dir: Path
+) -> None:
+    """The prefill worker dies with a request pending on the session (stopped, then killed):
+    the stream breaks, the request falls back to a local prefill (same tokens, no block kept).
+    Restarted at the same address, the next request opens a new session and is served
+    remotely. Runs last: it replaces the module's prefill worker."""
+    decode, prefill = workers["decode"].address, workers["prefill"].address
+    prompt = list(range(4000, 4060))
+    local = asyncio.run(_generate(decode, _generate_request("restart-local", prompt, None)))
+    fallbacks = _counter(decode, "decode", FALLBACKS)
+    old = workers["prefill"].proc
+    os.killpg(old.pid, signal.SIGSTOP)  # our child's own group: the request stays pending
+
+    async def pending_then_killed() -> list[int]:
+        generate = asyncio.ensure_future(
+            _generate(decode, _generate_request("restart-pending", prompt, prefill))
+        )
+        await asyncio.sleep(1.0)
+        assert not generate.done()
+        os.killpg(old.pid, signal.SIGKILL)
+        return await asyncio.wait_for(generate, 30)
+
+    try:
+        assert asyncio.run(pending_then_killed()) == local
+    finally:
+        os.killpg(old.pid, signal.SIGKILL)  # no-op once dead; never left stopped
+        old.wait()
+    assert _counter(decode, "decode", FALLBACKS) == fallbacks + 1
+    stop_children([workers["prefill"]])
+    port = prefill.rsplit(":", 1)[1]
+    args = ["--model", str(tiny_chat_model_dir), "--port", port, "--num-blocks", "64",
+            "--max-model-len", "512", "--block-size", str(BLOCK_SIZE),
+            "--worker-id", "prefill-0"]  # fmt: skip
+    workers["prefill"] = spawn("prefill-0", "prefill_worker", args)  # stopped by the fixture
+    assert wait_ready(workers["prefill"], 180) == prefill
+    again = asyncio.run(_generate(decode, _generate_request("restart-again", prompt, prefill)))
+    assert again == local
+    assert _counter(decode, "decode", FALLBACKS) == fallbacks + 1
+    for address, role in ((decode, "decode"), (prefill, "prefill")):
+        audit = asyncio.run(_audit(address, role))
+        assert audit.error == "" and audit.num_used == 0 and not audit.holders, (role, audit)
