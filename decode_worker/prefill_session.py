@@ -31,9 +31,9 @@ from runtime.tls import TlsFiles, open_channel
 
 log = logging.getLogger(__name__)
 
-# Seconds one write may take before the peer counts as hung (the session breaks); the request's
-# own deadline (its lease) bounds only its wait for its turn to write, and for its reply.
-_WRITE_S = 10.0
+# Seconds a cancel's write may take before the peer counts as hung (the session breaks); the
+# other writes have their request's deadline (its lease).
+_CANCEL_WRITE_S = 10.0
 
 
 class RemotePrefillFailed(RuntimeError):
@@ -102,8 +102,8 @@ class PrefillSession:
 
     async def write(self, msg: pb.PrefillUp, deadline: float) -> None:
         """One up message, after those already written. RemotePrefillFailed: the deadline
-        (loop.time()) passed while waiting for the lock (this request only), or the session
-        broke (every request pending on it fails alike)."""
+        (loop.time()) passed while waiting for the lock (this request only), or during the
+        write, or the session broke (both: every request pending on it fails alike)."""
         try:
             async with asyncio.timeout_at(deadline):
                 await self._write_lock.acquire()
@@ -112,14 +112,16 @@ class PrefillSession:
                 f"{self._peer}: waited past the lease to write", "deadline_exceeded"
             ) from None
         try:
-            async with asyncio.timeout(_WRITE_S):
+            async with asyncio.timeout_at(deadline):
                 await self._call.write(msg)
             return
         except TimeoutError:
-            # the write's state is unknown (the peer stopped reading): the stream is unusable
+            # A write waits for the stream to start (the connection's handshake: the first
+            # write of a session) and for flow control (the peer stopped reading): either way
+            # the peer is hung, and the write's state unknown: the stream is unusable.
             self._call.cancel()
             failure = RemotePrefillFailed(
-                f"{self._peer}: a session write took over {_WRITE_S} s", "deadline_exceeded"
+                f"{self._peer}: a session write did not complete in time", "deadline_exceeded"
             )
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
             # the call has ended: its status (seen by the reader, at once) says why
@@ -136,7 +138,7 @@ class PrefillSession:
         if reply is None or self._failure is not None:
             return  # answered already, or the stream is gone (so is the prefill side's task)
         reply.cancel()
-        deadline = asyncio.get_running_loop().time() + _WRITE_S
+        deadline = asyncio.get_running_loop().time() + _CANCEL_WRITE_S
         task = asyncio.get_running_loop().create_task(self._send_cancel(rid, deadline))
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)

@@ -26,7 +26,8 @@ from tests.integration.worker_pair import prefill_decode_pair
 BLOCK_SIZE = 16
 # the decode worker takes prompts up to 128 tokens: a 200-token prompt's reservation fails
 # there (after the request was sent), while the prefill worker (512) computes it
-DECODE_ARGS = ("--max-model-len", "128", "--num-blocks", "16")
+# and a remote prefill that gets no reply within 5 s is cancelled (the lease test below)
+DECODE_ARGS = ("--max-model-len", "128", "--num-blocks", "16", "--kv-lease-s", "5")
 SAMPLING = pb.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
 
 
@@ -69,8 +70,9 @@ async def _generate(decode: str, req: pb.GenerateRequest) -> list[int]:
         ]  # fmt: skip
 
 
-def _counter(address: str, role: str, name: str) -> float:
-    """The sum of a worker's counter `name` over its labels (its Prometheus /metrics)."""
+def _counter(address: str, role: str, name: str, **labels: str) -> float:
+    """The sum of a worker's counter `name` over the series with these labels (its
+    Prometheus /metrics)."""
 
     async def health() -> pb.HealthResponse:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -83,7 +85,7 @@ def _counter(address: str, role: str, name: str) -> float:
         s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == name
+        if s.name == name and labels.items() <= s.labels.items()
     )
 
 
@@ -237,6 +239,38 @@ def test_concurrent_requests_share_one_session(workers: dict[str, Child]) -> Non
         assert audit.error == "" and audit.num_used == 0 and not audit.holders, (role, audit)
 
 
+def test_a_request_past_its_lease_is_cancelled_and_the_session_goes_on(
+    workers: dict[str, Child],
+) -> None:
+    """The prefill worker stalls (stopped) with a request pending: past the lease (5 s) the
+    decode worker gives up on it alone, sends its cancel and prefills locally. Resumed, the
+    prefill worker reads request, destination and cancel, and frees; the session was not
+    broken: the next request is served remotely on it."""
+    decode, prefill = workers["decode"].address, workers["prefill"].address
+    prompt = list(range(5000, 5060))
+    local = asyncio.run(_generate(decode, _generate_request("lease-local", prompt, None)))
+    # the session is open (its first write waits for the connection: a stopped peer would
+    # break it)
+    assert asyncio.run(_generate(decode, _generate_request("lease-warm", prompt, prefill))) == local
+    fallbacks = _counter(decode, "decode", FALLBACKS)
+    pgid = workers["prefill"].proc.pid
+    os.killpg(pgid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        late = asyncio.run(_generate(decode, _generate_request("lease-late", prompt, prefill)))
+        assert late == local and time.monotonic() - start >= 5.0
+    finally:
+        os.killpg(pgid, signal.SIGCONT)
+    assert _counter(decode, "decode", FALLBACKS) == fallbacks + 1
+    assert _counter(decode, "decode", FALLBACKS, reason="deadline_exceeded") >= 1
+    again = asyncio.run(_generate(decode, _generate_request("lease-again", prompt, prefill)))
+    assert again == local
+    assert _counter(decode, "decode", FALLBACKS) == fallbacks + 1
+    for address, role in ((decode, "decode"), (prefill, "prefill")):
+        audit = asyncio.run(_audit(address, role))
+        assert audit.error == "" and audit.num_used == 0 and not audit.holders, (role, audit)
+
+
 def test_a_restarted_prefill_worker_gets_a_new_session(
     workers: dict[str, Child], tiny_chat_model_dir: Path
 ) -> None:
@@ -266,6 +300,7 @@ def test_a_restarted_prefill_worker_gets_a_new_session(
         os.killpg(old.pid, signal.SIGKILL)  # no-op once dead; never left stopped
         old.wait()
     assert _counter(decode, "decode", FALLBACKS) == fallbacks + 1
+    assert _counter(decode, "decode", FALLBACKS, reason="unavailable") >= 1
     stop_children([workers["prefill"]])
     port = prefill.rsplit(":", 1)[1]
     args = ["--model", str(tiny_chat_model_dir), "--port", port, "--num-blocks", "64",
