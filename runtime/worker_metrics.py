@@ -157,7 +157,8 @@ class WorkerMetrics:
         )
         self.request_s = histogram(
             "tandem_worker_request_duration_seconds",
-            "Generate (decode) or Prefill (prefill) RPC, start to end, whatever the outcome",
+            "Decode: a Generate RPC; prefill: one request of a PrefillSession (compute, then KV "
+            "transfer); start to end, whatever the outcome",
             _LATENCY_BUCKETS_S,
         )
         self.ttft_s = histogram(

@@ -5,9 +5,10 @@ scripts/device/scrape_metrics.py taken before and after a one-at-a-time run of b
 
 Each part is the mean over the run's requests (the difference of a histogram's _sum over the
 difference of its _count): the router's TTFT and dispatch time, on a decode worker the wait
-for a remote prefill (Prefill RPC sent -> KV landed) and its Generate call to the first message,
-on a prefill worker its Prefill servicer (compute, then KV transfer) and the KV transfer. The
-client's TTFT (probe.json, bench.serve) adds the HTTP hop to the router's.
+for a remote prefill (request sent on the PrefillSession -> KV landed) and its Generate call
+to the first message, on a prefill worker one request in its servicer (compute, then KV
+transfer) and the KV transfer. The client's TTFT (probe.json, bench.serve) adds the HTTP hop
+to the router's.
 """
 
 from __future__ import annotations
@@ -22,11 +23,15 @@ PARTS = (  # (metric, role or "" for the router, label)
     ("tandem_router_dispatch_seconds", "", "router dispatch"),
     ("tandem_worker_kv_wait_seconds", "decode", "decode: remote prefill wait (RPC -> KV landed)"),
     # the decode worker's steps of a remote prefill (a `step` label: metric[step]); reserve and
-    # lease overlap the Prefill RPC, destination_wait is the part of them it waited for
+    # lease overlap the remote prefill, destination_wait is the part of them it waited for
     ("tandem_worker_time_to_first_token_seconds", "decode", "decode: Generate -> first message"),
     ("tandem_worker_remote_prefill_step_seconds[reserve]", "decode", "decode: reserve (1 command)"),
     ("tandem_worker_remote_prefill_step_seconds[lease]", "decode", "decode: sink lease"),
-    ("tandem_worker_remote_prefill_step_seconds[prefill_rpc]", "decode", "decode: Prefill RPC"),
+    (
+        "tandem_worker_remote_prefill_step_seconds[prefill_rpc]",
+        "decode",
+        "decode: remote prefill, request sent -> reply",
+    ),
     (
         "tandem_worker_remote_prefill_step_seconds[destination_wait]",
         "decode",
@@ -34,7 +39,7 @@ PARTS = (  # (metric, role or "" for the router, label)
     ),
     ("tandem_worker_remote_prefill_step_seconds[outcome]", "decode", "decode: sink outcome"),
     ("tandem_worker_remote_prefill_step_seconds[admit]", "decode", "decode: admit (1 command)"),
-    ("tandem_worker_request_duration_seconds", "prefill", "prefill: Prefill RPC in its servicer"),
+    ("tandem_worker_request_duration_seconds", "prefill", "prefill: one request in its servicer"),
     ("tandem_worker_request_queue_time_seconds", "prefill", "prefill: queued in its engine"),
     ("tandem_worker_kv_transfer_seconds", "prefill", "prefill: KV transfer"),
     ("tandem_worker_request_queue_time_seconds", "decode", "decode: queued in its engine"),
