@@ -20,7 +20,7 @@ from deploy.local_cluster import Child
 from engine import LLM, SamplingParams
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
-from tests.integration.worker_pair import prefill_decode_pair
+from tests.integration.worker_pair import generate_request, prefill_decode_pair
 
 NUM_BLOCKS = 128
 BLOCK_SIZE = 16
@@ -40,15 +40,7 @@ def workers(tiny_chat_model_dir: Path) -> Iterator[dict[str, Child]]:
 
 
 def _request(rid: str, prompt: list[int], prefill_address: str | None) -> pb.GenerateRequest:
-    req = pb.GenerateRequest(
-        request_id=rid, prompt_token_ids=prompt, sampling=pb.SamplingParams(**SAMPLING)
-    )
-    if prefill_address is None:
-        req.prefill.local.SetInParent()
-    else:
-        req.prefill.remote.prefill_worker_id = "prefill-0"
-        req.prefill.remote.prefill_address = prefill_address
-    return req
+    return generate_request(rid, prompt, pb.SamplingParams(**SAMPLING), prefill_address)
 
 
 def _generate(address: str, req: pb.GenerateRequest) -> tuple[list[int], pb.Usage]:

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from deploy.local_cluster import Child, spawn, stop_children, wait_ready
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
-from tests.integration.worker_pair import prefill_decode_pair
+from tests.integration.worker_pair import generate_request, prefill_decode_pair
 
 BLOCK_SIZE = 16
 # the decode worker takes prompts up to 128 tokens: a 200-token prompt's reservation fails
@@ -53,13 +53,7 @@ def _cancel(rid: str) -> pb.PrefillUp:
 
 
 def _generate_request(rid: str, prompt: list[int], prefill: str | None) -> pb.GenerateRequest:
-    req = pb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling=SAMPLING)
-    if prefill is None:
-        req.prefill.local.SetInParent()
-    else:
-        req.prefill.remote.prefill_worker_id = "prefill-0"
-        req.prefill.remote.prefill_address = prefill
-    return req
+    return generate_request(rid, prompt, SAMPLING, prefill)
 
 
 async def _generate(decode: str, req: pb.GenerateRequest) -> list[int]:

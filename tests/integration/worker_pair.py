@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from deploy.local_cluster import Child, spawn, stop_children, wait_ready
+from proto import tandem_pb2 as pb
 
 
 @contextlib.contextmanager
@@ -30,3 +31,17 @@ def prefill_decode_pair(
         yield children
     finally:
         stop_children(list(children.values()))
+
+
+def generate_request(
+    rid: str, prompt: list[int], sampling: pb.SamplingParams, prefill_address: str | None
+) -> pb.GenerateRequest:
+    """A Generate request whose prompt prefill-0 at prefill_address computes (None: the
+    decode worker itself)."""
+    req = pb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling)
+    if prefill_address is None:
+        req.prefill.local.SetInParent()
+    else:
+        req.prefill.remote.prefill_worker_id = "prefill-0"
+        req.prefill.remote.prefill_address = prefill_address
+    return req
