@@ -7,20 +7,22 @@ path; a reservation with hits that falls back to a local prefill leaks no block.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.local_cluster import Child
 from engine import LLM, SamplingParams
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
-from tests.integration.worker_pair import generate_request, prefill_decode_pair
+from tests.integration.worker_pair import (
+    generate_request,
+    prefill_decode_pair,
+    settled_audit,
+    worker_samples,
+)
 
 NUM_BLOCKS = 128
 BLOCK_SIZE = 16
@@ -58,37 +60,7 @@ def _generate(address: str, req: pb.GenerateRequest) -> tuple[list[int], pb.Usag
 
 
 def _metrics(address: str, role: str) -> dict[str, float]:
-    async def health() -> pb.HealthResponse:
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = (
-                pb_grpc.DecodeWorkerStub(channel)
-                if role == "decode"
-                else pb_grpc.PrefillWorkerStub(channel)
-            )
-            reply: pb.HealthResponse = await stub.Health(pb.HealthRequest())
-            return reply
-
-    text = httpx.get(f"http://{asyncio.run(health()).metrics_address}/metrics").text
-    return {
-        s.name: s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name in _SERIES
-    }
-
-
-def _audit(address: str) -> pb.BlockAudit:
-    async def run() -> pb.BlockAudit:
-        async with grpc.aio.insecure_channel(address) as channel:
-            load = await pb_grpc.DecodeWorkerStub(channel).Load(pb.LoadRequest(audit_blocks=True))
-        return load.block_audit
-
-    deadline = time.monotonic() + 20  # a fenced reservation waits for the source's ack
-    audit = asyncio.run(run())
-    while audit.num_used and time.monotonic() < deadline:
-        time.sleep(0.1)
-        audit = asyncio.run(run())
-    return audit
+    return {s.name: s.value for s in worker_samples(address, role) if s.name in _SERIES}
 
 
 def test_second_turn_transfers_only_uncached_blocks(
@@ -120,7 +92,7 @@ def test_second_turn_transfers_only_uncached_blocks(
     collocated, _ = _generate(decode, _request("turn2-local", turn2, None))
     assert got == collocated
 
-    audit = _audit(decode)
+    audit = settled_audit(decode, "decode")
     assert audit.error == "" and audit.num_used == 0, audit
 
 
@@ -138,6 +110,6 @@ def test_a_failed_remote_prefill_with_hits_leaks_no_block(workers: dict[str, Chi
     assert usage.cached_tokens == 3 * BLOCK_SIZE  # the local prefill hits the same blocks
     collocated, _ = _generate(decode, _request("f2-local", turn2, None))
     assert got == collocated
-    audit = _audit(decode)
+    audit = settled_audit(decode, "decode")
     assert audit.error == "" and audit.num_used == 0, audit
     assert audit.num_free + audit.num_cached == audit.num_total == NUM_BLOCKS

@@ -14,14 +14,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from deploy.local_cluster import Child, spawn, stop_children, wait_ready
 from proto import tandem_pb2 as pb
 from proto import tandem_pb2_grpc as pb_grpc
-from tests.integration.worker_pair import generate_request, prefill_decode_pair
+from tests.integration.worker_pair import (
+    generate_request,
+    prefill_decode_pair,
+    settled_audit,
+    worker_samples,
+)
 
 BLOCK_SIZE = 16
 # the decode worker takes prompts up to 128 tokens: a 200-token prompt's reservation fails
@@ -65,37 +68,15 @@ async def _generate(decode: str, req: pb.GenerateRequest) -> list[int]:
 
 
 def _counter(address: str, role: str, name: str, **labels: str) -> float:
-    """The sum of a worker's counter `name` over the series with these labels (its
-    Prometheus /metrics)."""
-
-    async def health() -> pb.HealthResponse:
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = pb_grpc.DecodeWorkerStub if role == "decode" else pb_grpc.PrefillWorkerStub
-            reply: pb.HealthResponse = await stub(channel).Health(pb.HealthRequest())  # type: ignore[attr-defined]
-            return reply
-
-    text = httpx.get(f"http://{asyncio.run(health()).metrics_address}/metrics", timeout=10).text
+    """The sum of a worker's counter `name` over the series with these labels."""
     return sum(
         s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
+        for s in worker_samples(address, role)
         if s.name == name and labels.items() <= s.labels.items()
     )
 
 
 FALLBACKS = "tandem_worker_remote_prefill_fallbacks_total"
-
-
-async def _audit(address: str, role: str, settle_s: float = 20.0) -> pb.BlockAudit:
-    """The worker's block audit once nothing is held (or settle_s passed)."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.DecodeWorkerStub if role == "decode" else pb_grpc.PrefillWorkerStub
-        load = stub(channel).Load  # type: ignore[attr-defined]
-        deadline = time.monotonic() + settle_s
-        while True:
-            audit: pb.BlockAudit = (await load(pb.LoadRequest(audit_blocks=True))).block_audit
-            if not audit.num_used or time.monotonic() > deadline:
-                return audit
 
 
 async def _held(address: str, rid: str) -> None:
@@ -138,7 +119,7 @@ def test_a_request_cancelled_before_its_destination_frees_the_prefill(
     cancelled, unknown = asyncio.run(run())
     assert (cancelled.request_id, cancelled.code) == (rid, "CANCELLED"), cancelled
     assert (unknown.request_id, unknown.code) == (rid, "FAILED_PRECONDITION"), unknown
-    audit = asyncio.run(_audit(prefill, "prefill"))
+    audit = settled_audit(prefill, "prefill")
     assert audit.error == "" and audit.num_used == 0 and not audit.holders, audit
 
 
@@ -170,7 +151,7 @@ def test_a_request_without_a_destination_frees(workers: dict[str, Child], ending
         (error,) = (d.error for d in downs)
         assert (error.request_id, error.code) == (rid, "INVALID_ARGUMENT"), error
         assert "KV handle" in error.message
-    audit = asyncio.run(_audit(prefill, "prefill"))
+    audit = settled_audit(prefill, "prefill")
     assert audit.error == "" and audit.num_used == 0 and not audit.holders, audit
 
 
@@ -190,7 +171,7 @@ def test_a_failed_reservation_ends_the_started_prefill(workers: dict[str, Child]
         asyncio.run(generate(request("too-big", list(range(1000, 1200)))))
     assert e.value.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT)
     for address, role in ((decode, "decode"), (prefill, "prefill")):
-        audit = asyncio.run(_audit(address, role))
+        audit = settled_audit(address, role)
         assert audit.error == "" and audit.num_used == 0 and not audit.holders, (role, audit)
     assert len(asyncio.run(generate(request("fits", list(range(1000, 1060)))))) == 4
 
@@ -208,7 +189,7 @@ def test_a_session_that_ends_before_its_destination_falls_back(
     req.prefill.remote.prefill_worker_id = "not-a-prefill-worker"
     local = _generate_request("local", prompt, None)
     assert asyncio.run(_generate(decode, req)) == asyncio.run(_generate(decode, local))
-    audit = asyncio.run(_audit(decode, "decode"))
+    audit = settled_audit(decode, "decode")
     assert audit.error == "" and audit.num_used == 0 and not audit.holders, audit
 
 
@@ -229,7 +210,7 @@ def test_concurrent_requests_share_one_session(workers: dict[str, Child]) -> Non
     assert remote == local
     assert _counter(decode, "decode", FALLBACKS) == fallbacks
     for address, role in ((decode, "decode"), (prefill, "prefill")):
-        audit = asyncio.run(_audit(address, role))
+        audit = settled_audit(address, role)
         assert audit.error == "" and audit.num_used == 0 and not audit.holders, (role, audit)
 
 
@@ -261,7 +242,7 @@ def test_a_request_past_its_lease_is_cancelled_and_the_session_goes_on(
     assert again == local
     assert _counter(decode, "decode", FALLBACKS) == fallbacks + 1
     for address, role in ((decode, "decode"), (prefill, "prefill")):
-        audit = asyncio.run(_audit(address, role))
+        audit = settled_audit(address, role)
         assert audit.error == "" and audit.num_used == 0 and not audit.holders, (role, audit)
 
 
@@ -306,5 +287,5 @@ def test_a_restarted_prefill_worker_gets_a_new_session(
     assert again == local
     assert _counter(decode, "decode", FALLBACKS) == fallbacks + 1
     for address, role in ((decode, "decode"), (prefill, "prefill")):
-        audit = asyncio.run(_audit(address, role))
+        audit = settled_audit(address, role)
         assert audit.error == "" and audit.num_used == 0 and not audit.holders, (role, audit)

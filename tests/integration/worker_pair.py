@@ -3,12 +3,21 @@ that drive the disagg path through their gRPC servers directly."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from deploy.local_cluster import Child, spawn, stop_children, wait_ready
 from proto import tandem_pb2 as pb
+from proto import tandem_pb2_grpc as pb_grpc
 
 
 @contextlib.contextmanager
@@ -45,3 +54,37 @@ def generate_request(
         req.prefill.remote.prefill_worker_id = "prefill-0"
         req.prefill.remote.prefill_address = prefill_address
     return req
+
+
+def _stub(channel: grpc.aio.Channel, role: str) -> Any:
+    """The worker's own stub: Health and Load are served by both roles."""
+    return (pb_grpc.DecodeWorkerStub if role == "decode" else pb_grpc.PrefillWorkerStub)(channel)
+
+
+def worker_samples(address: str, role: str) -> list[Sample]:
+    """Every sample of the worker's Prometheus /metrics (found through its Health reply)."""
+
+    async def health() -> pb.HealthResponse:
+        async with grpc.aio.insecure_channel(address) as channel:
+            reply: pb.HealthResponse = await _stub(channel, role).Health(pb.HealthRequest())
+            return reply
+
+    text = httpx.get(f"http://{asyncio.run(health()).metrics_address}/metrics", timeout=10).text
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def settled_audit(address: str, role: str, settle_s: float = 20.0) -> pb.BlockAudit:
+    """The worker's block audit once it holds no block, or after settle_s (a released
+    reservation waits for its transfer's fence; a held prefill for its send's end)."""
+
+    async def audit() -> pb.BlockAudit:
+        async with grpc.aio.insecure_channel(address) as channel:
+            load = await _stub(channel, role).Load(pb.LoadRequest(audit_blocks=True), timeout=10)
+            return load.block_audit  # type: ignore[no-any-return]
+
+    deadline = time.monotonic() + settle_s
+    result = asyncio.run(audit())
+    while result.num_used and time.monotonic() < deadline:
+        time.sleep(0.1)
+        result = asyncio.run(audit())
+    return result
