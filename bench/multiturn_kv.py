@@ -69,8 +69,8 @@ async def _turn(
     usage, kv_transfer_s = pb.Usage(), 0.0
     async with grpc.aio.insecure_channel(decode.address) as channel:
         async for msg in pb_grpc.DecodeWorkerStub(channel).Generate(req, timeout=600):
-            if not tokens:
-                kv_transfer_s = msg.kv_transfer_s
+            # on the first message after the KV landed (the first token goes out before it)
+            kv_transfer_s = max(kv_transfer_s, msg.kv_transfer_s)
             tokens.extend(msg.token_ids)
             if msg.finished:
                 usage = msg.usage

@@ -143,7 +143,9 @@ async def generate(
             kv_s = prefill_s = 0.0
             async for msg in stub.Generate(req, timeout=600):
                 if not tokens:
-                    kv_s, prefill_s = msg.kv_transfer_s, msg.prefill_s
+                    prefill_s = msg.prefill_s
+                # on the first message after the KV landed (the first token goes out before it)
+                kv_s = max(kv_s, msg.kv_transfer_s)
                 tokens.extend(msg.token_ids)
             return Result(tokens, kv_s, prefill_s)
 

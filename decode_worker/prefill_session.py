@@ -2,12 +2,12 @@
 prefill worker address, opened on the first remote prefill sent there and shared by every
 later one (a call per prompt cost ~0.7 ms more per prompt: a new HTTP/2 stream each time).
 
-Per session: one reader task dispatches the down messages (a reply or an error, by request
-id) to per-request futures; writes are serialized by a lock (grpc.aio allows one write at a
-time per call; an uncontended lock costs no loop hop). A request is pending from `open` until
-its reply or error arrived, or `RemotePrefill.close`, which sends a cancel for a request still
-pending (the prefill worker stops its compute and frees). Each request has a deadline (the
-lease) over its writes and its reply.
+Per session: one reader task dispatches the down messages (a first token, then a reply or an
+error, by request id) to per-request futures; writes are serialized by a lock (grpc.aio allows
+one write at a time per call; an uncontended lock costs no loop hop). A request is pending
+from `open` until its reply or error arrived, or `RemotePrefill.close`, which sends a cancel
+for a request still pending (the prefill worker stops its compute, or its KV send, and frees).
+Each request has a deadline (the lease) over its writes and its answers.
 
 Failures: a request's error fails that request only (RemotePrefillFailed, its code name as
 the reason). The stream ending, either way, fails every request pending on it at once
@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+from typing import Any, TypeVar
 
 import grpc
 
@@ -30,6 +32,8 @@ from runtime.grpc_server import GRPC_OPTIONS
 from runtime.tls import TlsFiles, open_channel
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Seconds a cancel's write may take before the peer counts as hung (the session breaks); the
 # other writes have their request's deadline (its lease).
@@ -75,7 +79,7 @@ class PrefillSession:
     def __init__(self, call: grpc.aio.StreamStreamCall[pb.PrefillUp, pb.PrefillDown], peer: str):
         self._call = call
         self._peer = peer  # for messages: "prefill worker <id>"
-        self._pending: dict[str, asyncio.Future[pb.PrefillResponse]] = {}
+        self._pending: dict[str, _Pending] = {}  # requests whose reply or error is to come
         self._write_lock = asyncio.Lock()
         self._failure: RemotePrefillFailed | None = None  # set once: the stream has ended
         self._cancels: set[asyncio.Task[None]] = set()  # PrefillCancel writes in flight
@@ -91,10 +95,9 @@ class PrefillSession:
             raise self._failure
         if rid in self._pending:
             raise RemotePrefillFailed(f"{rid} is pending on this session already", "protocol")
-        reply: asyncio.Future[pb.PrefillResponse] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = reply
-        deadline = asyncio.get_running_loop().time() + lease_s
-        return RemotePrefill(self, rid, reply, deadline)
+        loop = asyncio.get_running_loop()
+        pending = self._pending[rid] = _Pending(loop.create_future(), loop.create_future())
+        return RemotePrefill(self, rid, pending, loop.time() + lease_s)
 
     @property
     def peer(self) -> str:
@@ -134,10 +137,11 @@ class PrefillSession:
 
     def cancel(self, rid: str) -> None:
         """Forgets rid; a PrefillCancel goes out (in the background) if it was pending."""
-        reply = self._pending.pop(rid, None)
-        if reply is None or self._failure is not None:
+        pending = self._pending.pop(rid, None)
+        if pending is None or self._failure is not None:
             return  # answered already, or the stream is gone (so is the prefill side's task)
-        reply.cancel()
+        pending.first.cancel()
+        pending.reply.cancel()
         deadline = asyncio.get_running_loop().time() + _CANCEL_WRITE_S
         task = asyncio.get_running_loop().create_task(self._send_cancel(rid, deadline))
         self._cancels.add(task)
@@ -152,16 +156,28 @@ class PrefillSession:
         try:
             async for down in self._call:
                 part = down.WhichOneof("part")
-                rid = down.reply.request_id if part == "reply" else down.error.request_id
-                reply = self._pending.pop(rid, None)
-                if reply is None or reply.done():
-                    # answered after its cancel or deadline (or an error for a cancel that
-                    # came too late): nobody waits for it any more
+                if part == "first":
+                    pending = self._pending.get(down.first.request_id)
+                    if pending is not None and not pending.first.done():
+                        pending.first.set_result(down.first)
                     continue
-                if part == "reply":
-                    reply.set_result(down.reply)
+                rid = down.reply.request_id if part == "reply" else down.error.request_id
+                pending = self._pending.pop(rid, None)
+                # None: answered after its cancel or deadline (or an error for a cancel that
+                # came too late): nobody waits for it any more
+                if pending is None:
+                    continue
+                if part == "reply" and pending.first.done():
+                    if not pending.reply.done():
+                        pending.reply.set_result(down.reply)
+                elif part == "reply":
+                    pending.fail(
+                        RemotePrefillFailed(
+                            f"{self._peer}: a reply before its first token", "protocol"
+                        )
+                    )
                 else:
-                    reply.set_exception(
+                    pending.fail(
                         RemotePrefillFailed(
                             f"{self._peer} failed: {down.error.code}: {down.error.message}",
                             down.error.code.lower() or "unknown",
@@ -190,10 +206,8 @@ class PrefillSession:
         else:
             log.info("%s", failure)
         pending, self._pending = self._pending, {}
-        for reply in pending.values():
-            if not reply.done():
-                reply.set_exception(failure)
-                reply.add_done_callback(_consume)  # its waiter may be gone (cancelled)
+        for request in pending.values():
+            request.fail(failure)
 
     async def close(self) -> None:
         self._call.cancel()
@@ -202,34 +216,54 @@ class PrefillSession:
             await self._reader
 
 
+@dataclasses.dataclass(frozen=True)
+class _Pending:
+    """One request's answers: its first token, then its reply; an error or the stream's end
+    fails whichever has not come."""
+
+    first: asyncio.Future[pb.PrefillFirstToken]
+    reply: asyncio.Future[pb.PrefillResponse]
+
+    def fail(self, failure: RemotePrefillFailed) -> None:
+        for answer in (self.first, self.reply):
+            if not answer.done():
+                answer.set_exception(failure)
+                answer.add_done_callback(_consume)  # its waiter may be gone (cancelled)
+
+
 class RemotePrefill:
     """One request on a session, from `PrefillSession.open` to `close` (always: in a finally);
     each step fails with RemotePrefillFailed, which means no reply will come."""
 
     def __init__(
-        self,
-        session: PrefillSession,
-        rid: str,
-        reply: asyncio.Future[pb.PrefillResponse],
-        deadline: float,
+        self, session: PrefillSession, rid: str, pending: _Pending, deadline: float
     ) -> None:
         self._session = session
         self._rid = rid
-        self._reply = reply
-        self._deadline = deadline  # loop.time(): the lease, over writes and reply
+        self._pending = pending
+        self._deadline = deadline  # loop.time(): the lease, over writes and answers
 
     async def send(self, msg: pb.PrefillUp) -> None:
-        if self._reply.done():  # failed already (an error came, or the stream ended)
-            await self._reply  # raises it
+        if self._pending.reply.done():  # failed already (an error came, or the stream ended)
+            await self._pending.reply  # raises it
         await self._session.write(msg, self._deadline)
 
+    async def first(self) -> pb.PrefillFirstToken:
+        """The first token, sampled by the prefill worker (its KV is being sent)."""
+        return await self._answer(self._pending.first, "first token")
+
     async def reply(self) -> pb.PrefillResponse:
+        """The reply: the KV was written."""
+        return await self._answer(self._pending.reply, "reply")
+
+    async def _answer(self, answer: asyncio.Future[T], what: str) -> T:
         try:
             async with asyncio.timeout_at(self._deadline):
-                return await self._reply  # cancelled by the timeout: close() forgets it
+                # shielded: a timeout or a cancelled caller leaves it to close()
+                return await asyncio.shield(answer)
         except TimeoutError:
             raise RemotePrefillFailed(
-                f"{self._session.peer}: no reply within the lease", "deadline_exceeded"
+                f"{self._session.peer}: no {what} within the lease", "deadline_exceeded"
             ) from None
 
     def close(self) -> None:
@@ -237,6 +271,6 @@ class RemotePrefill:
         self._session.cancel(self._rid)
 
 
-def _consume(future: asyncio.Future[pb.PrefillResponse]) -> None:
+def _consume(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()

@@ -20,6 +20,8 @@ A migrated request (`resume_output_token_ids`, router/migration.py) always prefi
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -81,50 +83,46 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "a resumed request needs a local prefill plan"
             )
         start = time.monotonic()
-        kv_transfer_s = 0.0
-        remote_cached: int | None = None  # prompt tokens the prefill worker had cached
+        landed = _Landed()  # a remote prefill's KV, once it landed
+        kv_reported = False  # landed.transfer_s went out (on the first message after it)
         try:
-            outputs: AsyncIterator[RequestOutput] | None = None
+            outputs: AsyncIterator[RequestOutput]
             if remote:
-                try:
-                    outputs, kv_transfer_s, remote_cached = await self._remote_prefill(
-                        request, prompt, params
-                    )
-                except RemotePrefillFailed as e:
-                    # Nothing was streamed yet and the reservation is being released behind
-                    # the fence: computing the prompt here instead loses only time. Logged
-                    # and counted (on_prefill_fallback), never silent.
-                    log.warning("%s: %s; prefilling on this decode worker instead", rid, e)
-                    self.on_prefill_fallback(e.reason)
-            if outputs is None:
+                outputs = self._remote_outputs(request, prompt, params, landed)
+            else:
                 outputs = self.engine.generate(rid, prompt, params, resume_output_token_ids=resumed)
             num_tokens = len(resumed)  # usage counts the whole output, before and after a move
             first = True
             interval = request.output_interval
             held: list[RequestOutput] = []  # outputs not sent yet (output_interval > 1)
             held_tokens = 0
-            async for out in outputs:
-                held.append(out)
-                held_tokens += len(out.new_token_ids)
-                if not (first or out.finished or held_tokens >= interval):
-                    continue
-                msg = _to_proto(held)
-                held, held_tokens = [], 0
-                if first:
-                    first = False
-                    msg.prefill_s = time.monotonic() - start
-                    msg.kv_transfer_s = kv_transfer_s
-                num_tokens += len(msg.token_ids)
-                if out.finished:
-                    msg.usage.completion_tokens = num_tokens
-                    if remote_cached is not None:
-                        # the longer of the two prefix hits (this worker's, which skipped
-                        # the transfer, already in the message; the prefill worker's, which
-                        # skipped the compute): prompt tokens found in either worker's cache
-                        msg.usage.cached_tokens = max(msg.usage.cached_tokens, remote_cached)
-                    # a resumed request may hit its own earlier output in the cache
-                    msg.usage.cached_tokens = min(msg.usage.cached_tokens, len(prompt))
-                yield msg
+            async with contextlib.aclosing(outputs):  # its free path runs when we stop early
+                async for out in outputs:
+                    held.append(out)
+                    held_tokens += len(out.new_token_ids)
+                    if not (first or out.finished or held_tokens >= interval):
+                        continue
+                    msg = _to_proto(held)
+                    held, held_tokens = [], 0
+                    if first:
+                        first = False
+                        msg.prefill_s = time.monotonic() - start
+                    if landed.transfer_s is not None and not kv_reported:
+                        kv_reported = True
+                        msg.kv_transfer_s = landed.transfer_s
+                    num_tokens += len(msg.token_ids)
+                    if out.finished:
+                        msg.usage.completion_tokens = num_tokens
+                        if landed.cached_tokens is not None:
+                            # the longer of the two prefix hits (this worker's, which skipped
+                            # the transfer, already in the message; the prefill worker's,
+                            # which skipped the compute): prompt tokens found in either cache
+                            msg.usage.cached_tokens = max(
+                                msg.usage.cached_tokens, landed.cached_tokens
+                            )
+                        # a resumed request may hit its own earlier output in the cache
+                        msg.usage.cached_tokens = min(msg.usage.cached_tokens, len(prompt))
+                    yield msg
         except ValueError as e:  # the engine refused the request (prompt too long, bad ids...)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except OutOfBlocks as e:
@@ -138,29 +136,32 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         worker's prefix cache, which are not transferred (metrics wrap it)."""
 
     def on_remote_step(self, step: str, duration_s: float) -> None:
-        """Hook: one step of a remote prefill took duration_s seconds (metrics wrap it):
-        prefill_rpc, destination_wait (inside it), outcome, admit on the critical path, in that
-        order; reserve and lease overlap prefill_rpc."""
+        """Hook: one step of a remote prefill took duration_s seconds (metrics wrap it). The
+        first token's path, in order: first_token (request sent -> the prefill worker's first
+        token here), first_output (one engine command: its output is ready and streamed); then
+        the KV's: kv_send (first token -> reply: the transfer), destination_wait (reported by
+        the prefill worker), outcome, admit. reserve and lease overlap first_token."""
 
-    async def _remote_prefill(
-        self, request: pb.GenerateRequest, prompt: list[int], params: SamplingParams
-    ) -> tuple[AsyncIterator[RequestOutput], float, int]:
-        """Have the prefill worker compute the prompt while blocks are reserved here, then
-        write its KV into them; admit.
+    async def _remote_outputs(
+        self,
+        request: pb.GenerateRequest,
+        prompt: list[int],
+        params: SamplingParams,
+        landed: _Landed,
+    ) -> AsyncIterator[RequestOutput]:
+        """A request's outputs when a prefill worker computes its prompt: the first token as
+        soon as the prefill worker sampled it (its KV still on the way), then, once the KV
+        landed in blocks reserved here, the rest (`landed` is filled then).
 
         The request goes first on the session with what the compute needs; the reservation
         and the sink's lease run meanwhile and their KV destination follows it, needed by the
         prefill worker only once its compute is done: reserve and lease are off the critical
         path unless they outlast the compute.
 
-        Returns the request's output stream (its first output is the prefill worker's token),
-        the KV write time (seconds) and the prompt tokens the prefill worker had cached.
+        A remote prefill that fails before the first token is computed here from the start;
+        one that fails after it (the KV did not land) goes on from a local prefill of prompt +
+        first token (resume_output_token_ids, as a migrated request): never a token twice.
         """
-        if self.sink is None:
-            raise RemotePrefillFailed(
-                "this decode worker has no KV sink (started without one)", "no_sink"
-            )
-        sink = self.sink
         rid = request.request_id
         remote = request.prefill.remote
         clock = _StepClock(self.on_remote_step)
@@ -168,68 +169,116 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         # cancelled (the client went away) while it waits for them: the reservation and the
         # lease are tracked as futures and shielded, so the release below sees whatever
         # actually happened, never less.
-        # One engine command validates, builds the request and reserves its blocks (each
-        # command waits for the engine's step boundary: under load, a decode step per command).
-        reservation = asyncio.ensure_future(
-            self.engine.call(lambda e: e.reserve_kv(rid, prompt, params))
-        )
+        reservation: asyncio.Future[KVReservation] | None = None
         # Closed below unless the request was admitted: a request still pending is cancelled,
-        # which makes the prefill worker stop its compute and withdraw its claim.
+        # which makes the prefill worker stop its compute (or its send) and free its side.
         prefill: RemotePrefill | None = None
         admitted = False
-        try:
-            prefill = self.prefill_sessions.session(
-                remote.prefill_address, remote.prefill_worker_id
-            ).open(rid, self.lease_s)
-            opening = pb.PrefillRequest(
-                request_id=rid,
-                prompt_token_ids=prompt,
-                sampling=request.sampling,
-                deadline_unix_s=request.deadline_unix_s,
-            )
-            await prefill.send(pb.PrefillUp(request=opening))
-            reserved = await asyncio.shield(reservation)
-            reserved_at = clock.span("reserve", clock.start)
-            # queued behind the reservation, run by the engine thread while the lease and the
-            # remote prefill go on: the prompt's block hashes past the first miss, so that
-            # admission need not
-            self._background(self.engine.call(lambda e: e.hash_awaiting_prompt(rid)))
-            # only the blocks our prefix cache lacks are leased and written (the hits are ours,
-            # read only: no remote write may touch them)
-            handle = await asyncio.shield(sink.expect(rid, reserved.write_block_ids, self.lease_s))
-            clock.span("lease", reserved_at)
-            destination = pb.PrefillDestination(
-                request_id=rid,
-                destination=pb.KVDestination(
-                    kv=_handle_to_proto(handle), first_kv_block=reserved.num_hit_blocks
-                ),
-            )
-            await prefill.send(pb.PrefillUp(destination=destination))
-            reply = await prefill.reply()
-            clock.lap("prefill_rpc")
-            clock.report("destination_wait", reply.destination_wait_s)
-            outcome = await sink.outcome(rid)
-            clock.lap("outcome")
-            if isinstance(outcome, KVLost):
-                raise RemotePrefillFailed(
-                    f"KV did not land: {outcome.reason.value}: {outcome.detail}",
-                    f"kv_{outcome.reason.value}",
-                )
-            first_logprob = None
-            if reply.HasField("first_logprob"):
-                lp = reply.first_logprob
-                top = tuple(zip(lp.top_token_ids, lp.top_logprobs, strict=True))
-                first_logprob = TokenLogprob(lp.token_id, lp.logprob, top)
-            outputs = await self.engine.admit_prefilled(rid, reply.first_token_id, first_logprob)
-            admitted = True
-            clock.lap("admit")
-            self.on_kv_reuse(reserved.num_hit_blocks)
-            return outputs, reply.kv_transfer_s, reply.cached_tokens
-        finally:
+
+        def give_up(failure: RemotePrefillFailed | None) -> None:
+            """The one end of a request not admitted: the prefill worker's side cancelled, the
+            reservation released behind the fence (in the background)."""
+            nonlocal prefill, reservation
+            if failure is not None:
+                # logged and counted (on_prefill_fallback), never silent
+                log.warning("%s: %s; prefilling on this decode worker instead", rid, failure)
+                self.on_prefill_fallback(failure.reason)
             if prefill is not None:
                 prefill.close()  # a no-op once its reply came
-            if not admitted:
+            if reservation is not None:
                 self._background(self._release_after_fence(rid, reservation))
+            prefill = reservation = None
+
+        try:
+            try:
+                if self.sink is None:
+                    raise RemotePrefillFailed(
+                        "this decode worker has no KV sink (started without one)", "no_sink"
+                    )
+                sink = self.sink
+                # One engine command validates, builds the request and reserves its blocks
+                # (each command waits for the engine's step boundary: under load, a decode
+                # step per command).
+                reservation = asyncio.ensure_future(
+                    self.engine.call(lambda e: e.reserve_kv(rid, prompt, params))
+                )
+                prefill = self.prefill_sessions.session(
+                    remote.prefill_address, remote.prefill_worker_id
+                ).open(rid, self.lease_s)
+                opening = pb.PrefillRequest(
+                    request_id=rid,
+                    prompt_token_ids=prompt,
+                    sampling=request.sampling,
+                    deadline_unix_s=request.deadline_unix_s,
+                )
+                await prefill.send(pb.PrefillUp(request=opening))
+                reserved = await asyncio.shield(reservation)
+                reserved_at = clock.span("reserve", clock.start)
+                # queued behind the reservation, run by the engine thread while the lease and
+                # the remote prefill go on: the prompt's block hashes past the first miss, so
+                # that admission need not
+                self._background(self.engine.call(lambda e: e.hash_awaiting_prompt(rid)))
+                # only the blocks our prefix cache lacks are leased and written (the hits are
+                # ours, read only: no remote write may touch them)
+                handle = await asyncio.shield(
+                    sink.expect(rid, reserved.write_block_ids, self.lease_s)
+                )
+                clock.span("lease", reserved_at)
+                destination = pb.PrefillDestination(
+                    request_id=rid,
+                    destination=pb.KVDestination(
+                        kv=_handle_to_proto(handle), first_kv_block=reserved.num_hit_blocks
+                    ),
+                )
+                await prefill.send(pb.PrefillUp(destination=destination))
+                sampled = await prefill.first()
+                clock.lap("first_token")
+            except RemotePrefillFailed as e:
+                # Nothing was streamed yet: computing the prompt here instead loses only time.
+                give_up(e)
+                async for out in self.engine.generate(rid, prompt, params):
+                    yield out
+                return
+            first_logprob = None
+            if sampled.HasField("logprob"):
+                lp = sampled.logprob
+                top = tuple(zip(lp.top_token_ids, lp.top_logprobs, strict=True))
+                first_logprob = TokenLogprob(lp.token_id, lp.logprob, top)
+            first = await self.engine.first_token(rid, sampled.token_id, first_logprob)
+            clock.lap("first_output")
+            yield first
+            if first.finished:
+                return  # never admitted: the finally gives the reservation back
+            try:
+                reply = await prefill.reply()
+                clock.lap("kv_send")
+                clock.report("destination_wait", reply.destination_wait_s)
+                outcome = await sink.outcome(rid)
+                clock.lap("outcome")
+                if isinstance(outcome, KVLost):
+                    raise RemotePrefillFailed(
+                        f"KV did not land: {outcome.reason.value}: {outcome.detail}",
+                        f"kv_{outcome.reason.value}",
+                    )
+                outputs = await self.engine.admit_prefilled(rid)
+                admitted = True
+                clock.lap("admit")
+            except RemotePrefillFailed as e:
+                give_up(e)
+                outputs = self.engine.generate(
+                    rid, prompt, params, resume_output_token_ids=first.new_token_ids
+                )
+            else:
+                landed.transfer_s, landed.cached_tokens = reply.kv_transfer_s, reply.cached_tokens
+                self.on_kv_reuse(reserved.num_hit_blocks)
+            async with contextlib.aclosing(outputs):
+                async for out in outputs:
+                    yield out
+        finally:
+            if not admitted:
+                give_up(None)
+            elif prefill is not None:
+                prefill.close()  # a no-op: its reply came
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -257,6 +306,14 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
             await self.sink.abort(rid)
             await self.sink.settled(rid)
         await self.engine.call(lambda e: e.cancel_kv_reservation(rid))
+
+
+@dataclasses.dataclass
+class _Landed:
+    """A remote prefill's KV, filled by _remote_outputs once it landed and was admitted."""
+
+    transfer_s: float | None = None  # the prefill worker's KV write (PrefillResponse)
+    cached_tokens: int | None = None  # prompt tokens the prefill worker had cached
 
 
 class _StepClock:

@@ -176,7 +176,8 @@ def _median_step_s(
     for rid in rids:
         prompt = _ids(rng, vocab, context)
         engine.reserve_kv(rid, prompt, params)  # the KV "arrives" as it is: decode cost is the same
-        engine.admit_prefilled(rid, rng.randrange(3, vocab))
+        engine.first_token(rid, rng.randrange(3, vocab))
+        engine.admit_prefilled(rid)
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()

@@ -48,9 +48,6 @@ class KVCacheEvent:
     removed: tuple[int, ...]
 
 
-_NO_KV_EVENT = KVCacheEvent((), ())
-
-
 class AsyncEngine:
     def __init__(
         self,
@@ -166,30 +163,30 @@ class AsyncEngine:
         async for out in self._stream(request_id, add):
             yield out
 
-    async def admit_prefilled(
+    async def first_token(
         self,
         request_id: str,
         first_token_id: int,
         first_logprob: TokenLogprob | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> RequestOutput:
+        """Decode role: the output of the prefill side's first token (Engine.first_token),
+        while the KV may still be on its way. Returned, not streamed: no step can output for
+        the request before admit_prefilled, so nothing can overtake it."""
+        return await self.call(
+            lambda engine: engine.first_token(request_id, first_token_id, first_logprob)
+        )
+
+    async def admit_prefilled(self, request_id: str) -> AsyncIterator[RequestOutput]:
         """Decode role: admit a request whose prompt KV is in the blocks Engine.reserve_kv
-        gave (eagerly: when this returns the request owns the blocks) and return its output
-        stream."""
+        gave and whose first token was given (eagerly: when this returns the request owns
+        the blocks) and return its output stream, from its second token on."""
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        # registered before the admission: its steps' outputs may reach the loop before the
+        # command's result does
         stream = self._streams[request_id] = asyncio.Queue()
-
-        def admit(engine: Engine) -> None:
-            outputs = engine.admit_prefilled(request_id, first_token_id, first_logprob)
-            # Hazard: handed to the loop here, on the engine thread, through the same FIFO
-            # (call_soon_threadsafe) as every later step's outputs. Putting them in the stream
-            # when `call` returns instead let the next steps' outputs overtake the first token
-            # whenever the loop woke late (tokens swapped, or the first one dropped behind a
-            # finished output).
-            self.loop.call_soon_threadsafe(self._dispatch, outputs, _NO_KV_EVENT)
-
         try:
-            await self.call(admit)
+            await self.call(lambda engine: engine.admit_prefilled(request_id))
         except BaseException as e:
             self._streams.pop(request_id, None)
             if not isinstance(e, Exception) and self.error is None:

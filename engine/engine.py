@@ -155,22 +155,29 @@ class Engine:
     def cancel_kv_reservation(self, request_id: str) -> bool:
         """Decode role: give reserved blocks back; False when there are none (the request was
         admitted meanwhile, or the reservation never made)."""
-        self.awaiting_kv.pop(request_id, None)
+        if self.awaiting_kv.pop(request_id, None) is not None and (
+            request_id not in self.scheduler.requests
+        ):
+            # its text stream (first_token opened it); under the same id, a request added
+            # since (the decode worker's local fallback) owns a stream of its own: kept
+            self.streams.pop(request_id, None)
         return self.scheduler.cancel_reservation(request_id)
 
-    def admit_prefilled(
+    def first_token(
         self,
         request_id: str,
         first_token_id: int,
         first_logprob: TokenLogprob | None = None,
-    ) -> list[RequestOutput]:
-        """Decode role: the prompt's KV has landed in the blocks reserve_kv gave;
-        `first_token_id` (and its logprob, when asked for) was sampled by the prefill side.
-        Returns the output for that first token (which may already finish the request).
-        KeyError when nothing is reserved under `request_id`."""
+    ) -> RequestOutput:
+        """Decode role: the prefill side sampled `first_token_id` (and its logprob, when asked
+        for); its KV may still be on its way. Returns that token's output, which may finish
+        the request (EOS, max_tokens, a stop string): then it is never admitted and only
+        cancel_kv_reservation is left (its reservation's one free path). Otherwise
+        admit_prefilled runs it once the KV has landed. KeyError when nothing is reserved
+        under `request_id`; ValueError when its first token was given already."""
         req = self.awaiting_kv[request_id]
-        self.scheduler.admit_prefilled(req)  # before any change to req: it may refuse
-        del self.awaiting_kv[request_id]
+        if req.num_output_tokens:
+            raise ValueError(f"{request_id}: its first token was given already")
         req.token_ids.append(first_token_id)
         req.arrival_s = req.scheduled_s = time.monotonic()  # it never queues here
         self._open_stream(req)
@@ -179,7 +186,20 @@ class Engine:
         elif req.num_output_tokens >= req.max_tokens:
             self.scheduler.finish(req, FinishReason.LENGTH)
         logprobs = {request_id: first_logprob} if first_logprob is not None else {}
-        return self._outputs([req], StepResult({request_id: first_token_id}, logprobs))
+        (output,) = self._outputs([req], StepResult({request_id: first_token_id}, logprobs))
+        return output
+
+    def admit_prefilled(self, request_id: str) -> None:
+        """Decode role: the prompt's KV has landed in the blocks reserve_kv gave, and
+        first_token gave the first token without finishing the request: it runs from the
+        next step on (its second token). KeyError when nothing is reserved under
+        `request_id`; ValueError when it has no first token yet, or finished with it."""
+        req = self.awaiting_kv[request_id]
+        if req.num_output_tokens != 1 or req.is_finished:
+            why = "finished with its first token" if req.is_finished else "has no first token"
+            raise ValueError(f"{request_id}: not admitted: it {why}")
+        self.scheduler.admit_prefilled(req)
+        del self.awaiting_kv[request_id]
 
     def release_kv(self, request_id: str) -> None:
         """Prefill role: the hand-off is done (or failed); free the held blocks."""

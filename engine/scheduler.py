@@ -306,6 +306,12 @@ class Scheduler:
         """The one free path for a request's blocks (or the hand-over to `held`)."""
         if req.status is RequestStatus.FINISHED:
             return
+        if req.status is RequestStatus.WAITING_FOR_KV:
+            # finished by the prefill side's first token, never admitted: its blocks are a
+            # reservation, which cancel_reservation frees (their one free path)
+            req.status = RequestStatus.FINISHED
+            req.finish_reason, req.stop_reason = reason, stop_reason
+            return
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
         elif req.status is RequestStatus.WAITING:

@@ -67,12 +67,15 @@ class MeteredPrefillServicer(PrefillServicer):
         self.metrics = metrics
 
     async def prefill(
-        self, request: pb.PrefillRequest, destination: asyncio.Future[Destination]
+        self,
+        request: pb.PrefillRequest,
+        destination: asyncio.Future[Destination],
+        announce: Callable[[pb.PrefillFirstToken], None],
     ) -> pb.PrefillResponse:
         start = time.monotonic()
         outcome = "cancelled"
         try:
-            reply = await super().prefill(request, destination)
+            reply = await super().prefill(request, destination, announce)
             outcome = "ok"
             return reply
         except BaseException as e:

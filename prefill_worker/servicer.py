@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Coroutine
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -89,11 +89,16 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
         return Destination(handle, int(msg.first_kv_block), claim, time.monotonic())
 
     async def prefill(
-        self, request: pb.PrefillRequest, destination: asyncio.Future[Destination]
+        self,
+        request: pb.PrefillRequest,
+        destination: asyncio.Future[Destination],
+        announce: Callable[[pb.PrefillFirstToken], None],
     ) -> pb.PrefillResponse:
-        """One remote prefill: compute at once, meet the destination (resolved by the
-        session when it arrives), send, reply. PrefillRefused: the request's error; cancelled
-        (a PrefillCancel, the session ended): frees the same way."""
+        """One remote prefill: compute at once, `announce` the first token the moment it is
+        sampled (the destination and the send come after: the decode worker streams it on
+        meanwhile), meet the destination (resolved by the session when it arrives), send,
+        reply. PrefillRefused: the request's error; cancelled (a PrefillCancel, the session
+        ended): frees the same way."""
         rid = request.request_id
         try:
             params = SamplingParams(**sampling_kwargs(request.sampling))
@@ -107,6 +112,12 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
         compute = asyncio.ensure_future(
             self._compute(rid, list(request.prompt_token_ids), first_params)
         )
+
+        def sampled(done: asyncio.Future[_Computed]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                announce(_first_token(rid, done.result().last))
+
+        compute.add_done_callback(sampled)
         sending = False
         try:
             # Both at once; a failed destination (bad handle) stops the compute at once
@@ -115,9 +126,10 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
             for part in (destination, compute):
                 if part.done() and isinstance(part.exception(), ValueError):
                     raise PrefillRefused(grpc.StatusCode.INVALID_ARGUMENT, str(part.exception()))
-            computed, dest = compute.result(), destination.result()  # any other error: raised
-            last, handle, first_block = computed.last, dest.handle, dest.first_block
-            prefill_s = computed.done - start
+            work, dest = compute.result(), destination.result()  # any other error: raised
+            last, computed_at = work.last, work.done
+            handle, first_block = dest.handle, dest.first_block
+            prefill_s = computed_at - start
             # the decode worker holds prompt blocks 0..first-1 already (its prefix cache):
             # only blocks first.. are written, into handle.block_ids in order
             held = last.held_block_ids[first_block:]
@@ -152,18 +164,13 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
             self._background(self._release_after_send(rid, send))
         if isinstance(result, SendFailed):
             raise PrefillRefused(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {result.error}")
-        response = pb.PrefillResponse(
+        return pb.PrefillResponse(
             request_id=rid,
-            first_token_id=last.new_token_ids[0],
             cached_tokens=last.num_cached_tokens,
             prefill_s=prefill_s,
             kv_transfer_s=result.elapsed_s,
-            destination_wait_s=max(0.0, dest.arrived - computed.done),
+            destination_wait_s=max(0.0, dest.arrived - computed_at),
         )
-        if last.new_logprobs:
-            lp = last.new_logprobs[0]
-            response.first_logprob.CopyFrom(logprob_to_proto(lp.token_id, lp.logprob, lp.top))
-        return response
 
     async def _compute(self, rid: str, prompt: list[int], params: SamplingParams) -> _Computed:
         """The prompt's KV and first token. Done (not cancelled, no error) <=> the finished
@@ -213,6 +220,14 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
         task = asyncio.get_running_loop().create_task(work)
         self._releases.add(task)  # a task nobody references may be collected
         task.add_done_callback(self._releases.discard)
+
+
+def _first_token(rid: str, last: RequestOutput) -> pb.PrefillFirstToken:
+    msg = pb.PrefillFirstToken(request_id=rid, token_id=last.new_token_ids[0])
+    if last.new_logprobs:
+        lp = last.new_logprobs[0]
+        msg.logprob.CopyFrom(logprob_to_proto(lp.token_id, lp.logprob, lp.top))
+    return msg
 
 
 def _handle_from_proto(msg: pb.KVHandle) -> KVHandle:

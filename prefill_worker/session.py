@@ -5,8 +5,9 @@ servicer's `prefill`, the same code for every request.
 
 Tasks: one reader (the up messages, in order), one task per request, and the RPC handler
 itself as the only writer (`run` yields the down messages that the request tasks queue:
-grpc.aio allows one write at a time per call). A request answers exactly one down message
-(its reply or its error) unless the stream ended first. A destination or cancel for an id
+grpc.aio allows one write at a time per call). A request answers its first token as soon as
+it is sampled, then exactly one down message (its reply or its error) unless the stream ended
+first. A destination or cancel for an id
 the session does not hold (never sent, answered already) is answered with an error for that
 id; the stream goes on. The stream ending, either way (half-close, the caller gone, the
 connection lost), cancels every request task: each frees as a cancelled request does.
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Generic, Protocol, TypeVar
 
 import grpc
@@ -44,9 +45,13 @@ class Prefiller(Protocol[D]):
         ...
 
     async def prefill(
-        self, request: pb.PrefillRequest, destination: asyncio.Future[D]
+        self,
+        request: pb.PrefillRequest,
+        destination: asyncio.Future[D],
+        announce: Callable[[pb.PrefillFirstToken], None],
     ) -> pb.PrefillResponse:
-        """One request, its destination resolved by the session; PrefillRefused: its error."""
+        """One request, its destination resolved by the session; `announce` its first token
+        (at most once, before the reply); PrefillRefused: its error."""
         ...
 
 
@@ -128,7 +133,7 @@ class PrefillSession(Generic[D]):
         self, rid: str, request: pb.PrefillRequest, destination: asyncio.Future[D]
     ) -> None:
         try:
-            reply = await self._prefiller.prefill(request, destination)
+            reply = await self._prefiller.prefill(request, destination, self._announce)
         except PrefillRefused as e:
             self._error(rid, e.code, e.message)
         except asyncio.CancelledError:
@@ -142,6 +147,10 @@ class PrefillSession(Generic[D]):
             self._down.put_nowait(pb.PrefillDown(reply=reply))
         finally:
             del self._requests[rid]  # a destination or cancel from now on: an unknown id
+
+    def _announce(self, first: pb.PrefillFirstToken) -> None:
+        if first.request_id in self._requests:  # not answered yet (nor cancelled)
+            self._down.put_nowait(pb.PrefillDown(first=first))
 
     def _error(self, rid: str, code: grpc.StatusCode, message: str) -> None:
         error = pb.PrefillError(request_id=rid, code=code.name, message=message)

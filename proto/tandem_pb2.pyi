@@ -374,9 +374,13 @@ class GenerateResponse(_message.Message):
     stop_token_id: _builtins.int
     """set when a stop token id (or EOS) ended it"""
     prefill_s: _builtins.float
-    """first message: time spent getting the prompt KV"""
+    """first message: seconds to its first token (a remote prefill's: the prefill worker's compute
+    and its first-token message; the KV lands after it)
+    """
     kv_transfer_s: _builtins.float
-    """first message, remote prefill: KV write time"""
+    """remote prefill: KV write time, on the first message after the KV landed (the first token
+    goes out before it: 0 there, and on a request its first token finished)
+    """
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """new tokens since the previous message"""
@@ -495,8 +499,10 @@ class PrefillUp(_message.Message):
     every later one (a per-prompt call costs a new HTTP/2 stream: ~0.7 ms more per prompt). Up,
     per request id: its request (sent at once: the compute starts), its KV destination (sent once
     the decode worker has reserved blocks and leased them to its sink, while the prefill worker
-    computes), or a cancel. Down: exactly one PrefillDown per request, its reply or its error,
-    in completion order (not request order). A destination or cancel for an id the session does
+    computes), or a cancel. Down, per request: its first token as soon as it is sampled (before
+    the KV is sent: the decode worker streams it on at once), then exactly one reply or error;
+    an error may come without a first token. Requests interleave in completion order (not
+    request order). A destination or cancel for an id the session does
     not know (never sent, or already answered) is answered by an error for that id; the stream
     itself breaks only with the connection. The stream ending, either way, cancels every request
     of the session: no block of either worker is kept.
@@ -580,6 +586,7 @@ class PrefillDown(_message.Message):
 
     REPLY_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    FIRST_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def reply(self) -> Global___PrefillResponse:
         """the KV was written"""
@@ -588,21 +595,58 @@ class PrefillDown(_message.Message):
     def error(self) -> Global___PrefillError:
         """the request ended without a reply"""
 
+    @_builtins.property
+    def first(self) -> Global___PrefillFirstToken:
+        """sampled; the KV is being sent"""
+
     def __init__(
         self,
         *,
         reply: Global___PrefillResponse | None = ...,
         error: Global___PrefillError | None = ...,
+        first: Global___PrefillFirstToken | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "part", b"part", "reply", b"reply"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "first", b"first", "part", b"part", "reply", b"reply"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "part", b"part", "reply", b"reply"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "first", b"first", "part", b"part", "reply", b"reply"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["reply", "error"]  # noqa: Y015
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["reply", "error", "first"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
 Global___PrefillDown: _TypeAlias = PrefillDown  # noqa: Y015
+
+@_typing.final
+class PrefillFirstToken(_message.Message):
+    """A request's first token, sent once its compute is done and before its KV is written (the
+    time to first token does not wait for the transfer). Its reply or error follows.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    LOGPROB_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    token_id: _builtins.int
+    @_builtins.property
+    def logprob(self) -> Global___TokenLogprob:
+        """set when sampling.logprobs is set"""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        token_id: _builtins.int = ...,
+        logprob: Global___TokenLogprob | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob", "request_id", b"request_id", "token_id", b"token_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PrefillFirstToken: _TypeAlias = PrefillFirstToken  # noqa: Y015
 
 @_typing.final
 class PrefillError(_message.Message):
@@ -699,14 +743,11 @@ class PrefillResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
-    FIRST_TOKEN_ID_FIELD_NUMBER: _builtins.int
-    FIRST_LOGPROB_FIELD_NUMBER: _builtins.int
     CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     PREFILL_S_FIELD_NUMBER: _builtins.int
     KV_TRANSFER_S_FIELD_NUMBER: _builtins.int
     DESTINATION_WAIT_S_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    first_token_id: _builtins.int
     cached_tokens: _builtins.int
     """prompt tokens the prefill worker had cached"""
     prefill_s: _builtins.float
@@ -715,24 +756,18 @@ class PrefillResponse(_message.Message):
     """seconds the computed KV waited for the KVDestination (0 when it came first): the part of
     the decode worker's reserve + lease that the compute did not hide
     """
-    @_builtins.property
-    def first_logprob(self) -> Global___TokenLogprob:
-        """set when sampling.logprobs is set"""
-
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
-        first_token_id: _builtins.int = ...,
-        first_logprob: Global___TokenLogprob | None = ...,
         cached_tokens: _builtins.int = ...,
         prefill_s: _builtins.float = ...,
         kv_transfer_s: _builtins.float = ...,
         destination_wait_s: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["first_logprob", b"first_logprob"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "destination_wait_s", b"destination_wait_s", "first_logprob", b"first_logprob", "first_token_id", b"first_token_id", "kv_transfer_s", b"kv_transfer_s", "prefill_s", b"prefill_s", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "destination_wait_s", b"destination_wait_s", "kv_transfer_s", b"kv_transfer_s", "prefill_s", b"prefill_s", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

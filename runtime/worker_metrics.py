@@ -212,12 +212,15 @@ class WorkerMetrics:
         )  # fmt: skip
         self._remote_steps = Histogram(
             "tandem_worker_remote_prefill_step_seconds",
-            "Decode: the steps of a remote prefill on this worker, by step. On the critical "
-            "path, in order: prefill_rpc (Prefill call opened -> reply), destination_wait (of "
-            "prefill_rpc: the prefill worker's computed KV waiting for the destination), "
-            "outcome (the sink's verdict after the reply), admit (one engine command; its "
-            "first output is ready). Overlapping prefill_rpc: reserve (call opened -> blocks "
-            "reserved: one engine command), lease (the sink's; then the destination is sent)",
+            "Decode: the steps of a remote prefill on this worker, by step. The first token's "
+            "path, in order: first_token (request sent -> the prefill worker's first token "
+            "here), first_output (one engine command; then it is streamed). The KV's, after "
+            "it: kv_send (first token -> reply: the KV written), destination_wait (the "
+            "prefill worker's computed KV waiting for the destination, as it reports), outcome "
+            "(the sink's verdict after the reply), admit (one engine command; the request "
+            "decodes from the next step). Overlapping first_token: reserve (request sent -> "
+            "blocks reserved: one engine command), lease (the sink's; then the destination is "
+            "sent)",
             [*base, "step"], buckets=_TRANSFER_BUCKETS_S, registry=r,
         )  # fmt: skip
         r.register(_LoadCollector(labels, load))

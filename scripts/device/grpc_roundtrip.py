@@ -5,7 +5,9 @@ a server in a child process that only reads, and a client on loopback, p50 of N 
   session code on both sides (decode_worker/prefill_session.py, prefill_worker/session.py) over
   one PrefillSession stream opened once: the 3,000-id PrefillRequest, then its destination,
   the reply; also the prefill-side request's own time, so that their difference is gRPC's (and
-  the multiplexing's) part of the `prefill_rpc` step;
+  the multiplexing's) part of it; and `first token`: request sent -> the first-token message
+  back (the prefill side announces it at once: no compute), gRPC's part of the `first_token`
+  step, the one on the time to first token;
 - `unary`: the same 3,000-id request as one unary call (the shape before 6c713f3);
 - `persistent stream`: the request and a 200-byte destination written on a bidirectional stream
   opened once, one reply read per message (the raw floor of the session above).
@@ -19,7 +21,7 @@ import asyncio
 import multiprocessing as mp
 import sys
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 import grpc
 
@@ -30,19 +32,22 @@ from proto import tandem_pb2_grpc as pbg
 
 
 class _Prefiller:
-    """The prefill side's per-request work, none: the reply once the destination arrived."""
+    """The prefill side's per-request work, none: the first token at once, the reply once the
+    destination arrived."""
 
     def destination(self, msg: pb.KVDestination) -> pb.KVDestination:
         return msg
 
     async def prefill(
-        self, request: pb.PrefillRequest, destination: asyncio.Future[pb.KVDestination]
+        self,
+        request: pb.PrefillRequest,
+        destination: asyncio.Future[pb.KVDestination],
+        announce: Callable[[pb.PrefillFirstToken], None],
     ) -> pb.PrefillResponse:
         start = time.monotonic()
+        announce(pb.PrefillFirstToken(request_id=request.request_id, token_id=1))
         await destination
-        return pb.PrefillResponse(
-            request_id=request.request_id, first_token_id=1, prefill_s=time.monotonic() - start
-        )
+        return pb.PrefillResponse(request_id=request.request_id, prefill_s=time.monotonic() - start)
 
 
 class _Servicer(pbg.PrefillWorkerServicer):
@@ -94,12 +99,14 @@ async def _client(port: int, n: int) -> dict[str, float]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         sessions = PrefillSessions()
         session = sessions.session(f"127.0.0.1:{port}", "bench")
-        call_s, handler_s = [], []
+        call_s, handler_s, first_s = [], [], []
         for i in range(n):
             start = time.monotonic()
             prefill = session.open(str(i), 30.0)
             request = pb.PrefillRequest(request_id=str(i), prompt_token_ids=prompt)
             await prefill.send(pb.PrefillUp(request=request))
+            await prefill.first()
+            first_s.append(time.monotonic() - start)
             destination = pb.PrefillDestination(
                 request_id=str(i), destination=pb.KVDestination(first_kv_block=0)
             )
@@ -128,6 +135,7 @@ async def _client(port: int, n: int) -> dict[str, float]:
         await stream.done_writing()
     return {
         "prefill session": _p50_ms(call_s),
+        "first token": _p50_ms(first_s),
         "prefill session, server request": _p50_ms(handler_s),
         "unary": _p50_ms(unary_s),
         "persistent stream": _p50_ms(stream_s),

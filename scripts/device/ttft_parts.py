@@ -28,14 +28,24 @@ PARTS = (  # (metric, role or "" for the router, label)
     ("tandem_worker_remote_prefill_step_seconds[reserve]", "decode", "decode: reserve (1 command)"),
     ("tandem_worker_remote_prefill_step_seconds[lease]", "decode", "decode: sink lease"),
     (
-        "tandem_worker_remote_prefill_step_seconds[prefill_rpc]",
+        "tandem_worker_remote_prefill_step_seconds[first_token]",
         "decode",
-        "decode: remote prefill, request sent -> reply",
+        "decode: remote prefill, request sent -> first token",
+    ),
+    (
+        "tandem_worker_remote_prefill_step_seconds[first_output]",
+        "decode",
+        "decode: first token's output (1 command)",
+    ),
+    (
+        "tandem_worker_remote_prefill_step_seconds[kv_send]",
+        "decode",
+        "decode: first token -> reply (KV written; off TTFT)",
     ),
     (
         "tandem_worker_remote_prefill_step_seconds[destination_wait]",
         "decode",
-        "decode: RPC waiting for reserve + lease",
+        "decode: computed KV waiting for reserve + lease",
     ),
     ("tandem_worker_remote_prefill_step_seconds[outcome]", "decode", "decode: sink outcome"),
     ("tandem_worker_remote_prefill_step_seconds[admit]", "decode", "decode: admit (1 command)"),

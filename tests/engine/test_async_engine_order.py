@@ -1,6 +1,7 @@
 """AsyncEngine delivers a remote-prefilled request's outputs in order even when the event loop
-wakes late: the first token (made at admission, on the engine thread) must not be overtaken by
-the outputs of the decode steps that the engine thread runs right after it."""
+wakes late: the first token (returned by `first_token`, before admission) then every decode
+step's outputs, which the engine thread may all produce before the loop sees the admission's
+result (the stream is registered before the admission command runs)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,7 @@ def model_dir(tiny_model_dirs: dict[str, Path]) -> Path:
 
 
 @pytest.mark.parametrize("max_tokens", [2, 3, 6])
-def test_first_token_is_not_overtaken_when_the_loop_wakes_late(
-    model_dir: Path, max_tokens: int
-) -> None:
+def test_outputs_in_order_when_the_loop_wakes_late(model_dir: Path, max_tokens: int) -> None:
     prompt = list(range(5, 40))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     (single,) = LLM(str(model_dir), tokenizer=False, num_blocks=64).generate([prompt], params)
@@ -43,7 +42,8 @@ def test_first_token_is_not_overtaken_when_the_loop_wakes_late(
     async def run() -> list[int]:
         engine = AsyncEngine(decode, asyncio.get_running_loop())
         try:
-            admitting = asyncio.ensure_future(engine.admit_prefilled("r", out.new_token_ids[0]))
+            first = await engine.first_token("r", out.new_token_ids[0])
+            admitting = asyncio.ensure_future(engine.admit_prefilled("r"))
             await asyncio.sleep(0)  # the admission command is queued to the engine thread
             # Hold the loop while the engine thread admits and runs every decode step: all
             # their outputs are handed over before the loop sees the admission's result.
@@ -52,7 +52,7 @@ def test_first_token_is_not_overtaken_when_the_loop_wakes_late(
                 assert time.monotonic() < deadline, "the engine thread did not finish"
                 time.sleep(0.01)
             stream = await admitting
-            return [t async for o in stream for t in o.new_token_ids]
+            return [*first.new_token_ids, *[t async for o in stream for t in o.new_token_ids]]
         finally:
             engine.shutdown()
 

@@ -181,8 +181,8 @@ def test_decode_role_with_a_step_in_flight(tiny_model_dirs: dict[str, Path]) -> 
         prefill.engine.runner.kv_cache.read_blocks(list(out_b.held_block_ids)),
     )
     prefill.engine.release_kv("b")
-    for o in engine.admit_prefilled("b", out_b.new_token_ids[0]):
-        tokens[o.request_id] += o.new_token_ids
+    tokens["b"] += engine.first_token("b", out_b.new_token_ids[0]).new_token_ids
+    engine.admit_prefilled("b")
     while engine.has_unfinished():
         for o in engine.step():
             tokens[o.request_id] += o.new_token_ids

@@ -53,8 +53,9 @@ def test_prefill_then_decode_equals_single_engine(model_dir: Path, prompt_len: i
     assert prefill.engine.block_manager.num_used_blocks == 0
     prefill.engine.check_integrity()
 
-    first = decode.engine.admit_prefilled("r", out.new_token_ids[0])
-    tokens = [t for o in first + _drain(decode) for t in o.new_token_ids]
+    first = decode.engine.first_token("r", out.new_token_ids[0])
+    decode.engine.admit_prefilled("r")
+    tokens = [t for o in [first, *_drain(decode)] for t in o.new_token_ids]
     assert tokens == single.outputs[0].token_ids
     decode.engine.check_integrity()
     assert decode.engine.block_manager.num_used_blocks == 0
@@ -87,7 +88,8 @@ def test_prompt_hashed_at_reservation(model_dir: Path) -> None:
     assert len(llm.engine.awaiting_kv["r"].block_hashes) == 1  # the first block missed
     llm.engine.hash_awaiting_prompt("r")
     assert len(llm.engine.awaiting_kv["r"].block_hashes) == 2
-    llm.engine.admit_prefilled("r", 7)
+    llm.engine.first_token("r", 7)
+    llm.engine.admit_prefilled("r")
     assert not llm.engine.awaiting_kv
     while llm.engine.has_unfinished():
         llm.engine.step()
@@ -115,7 +117,9 @@ def test_reservation_reuses_the_prefix_cache(model_dir: Path) -> None:
             list(reservation.write_block_ids), prefill.engine.runner.kv_cache.read_blocks(held)
         )
         prefill.engine.release_kv(rid)
-        outs = decode.engine.admit_prefilled(rid, out.new_token_ids[0]) + _drain(decode)
+        outs = [decode.engine.first_token(rid, out.new_token_ids[0])]
+        decode.engine.admit_prefilled(rid)
+        outs += _drain(decode)
         assert outs[-1].num_cached_tokens == reservation.num_hit_blocks * 16
         return [t for o in outs for t in o.new_token_ids]
 
@@ -176,3 +180,67 @@ def test_abort_frees_held_blocks_whose_hand_off_was_abandoned(model_dir: Path) -
     llm.engine.check_integrity()
     assert llm.engine.block_manager.num_used_blocks == 0 and not llm.engine.scheduler.held
     assert llm.engine.cancel_kv_reservation("never") is False  # nothing reserved: a no-op
+
+
+@pytest.mark.parametrize(
+    ("params", "first", "reason"),
+    [
+        (SamplingParams(max_tokens=1, ignore_eos=True), 7, FinishReason.LENGTH),
+        (SamplingParams(max_tokens=5), 2, FinishReason.STOP),  # the tiny model's EOS
+        (SamplingParams(max_tokens=5, stop_token_ids=[9]), 9, FinishReason.STOP),
+    ],
+)
+def test_first_token_that_finishes_is_never_admitted(
+    model_dir: Path, params: SamplingParams, first: int, reason: FinishReason
+) -> None:
+    """The prefill side's first token may finish the request before its KV landed: its output
+    says so, admission is refused, and cancel_kv_reservation frees every block once."""
+    llm = LLM(str(model_dir), tokenizer=False, num_blocks=16)
+    llm.engine.reserve_kv("r", list(range(9, 49)), params)
+    out = llm.engine.first_token("r", first)
+    assert out.finished and out.finish_reason is reason and out.new_token_ids == (first,)
+    with pytest.raises(ValueError, match="finished with its first token"):
+        llm.engine.admit_prefilled("r")
+    assert llm.engine.block_manager.num_used_blocks == 3  # still the reservation's
+    assert llm.engine.cancel_kv_reservation("r")
+    assert not llm.engine.awaiting_kv and not llm.engine.streams
+    assert llm.engine.block_manager.num_used_blocks == 0
+    llm.engine.check_integrity()
+
+
+def test_first_token_once_then_admit(model_dir: Path) -> None:
+    llm = LLM(str(model_dir), tokenizer=False, num_blocks=16)
+    llm.engine.reserve_kv("r", list(range(9, 49)), SamplingParams(max_tokens=3, ignore_eos=True))
+    with pytest.raises(ValueError, match="has no first token"):
+        llm.engine.admit_prefilled("r")
+    assert not llm.engine.first_token("r", 7).finished
+    with pytest.raises(ValueError, match="given already"):
+        llm.engine.first_token("r", 8)
+    llm.engine.admit_prefilled("r")
+    assert len([t for o in _drain(llm) for t in o.new_token_ids]) == 2
+    assert llm.engine.block_manager.num_used_blocks == 0
+    llm.engine.check_integrity()
+
+
+def test_kv_lost_after_the_first_token_resumes_locally(model_dir: Path) -> None:
+    """The decode worker's fallback once the first token went out: the reservation is given
+    back while a local request under the same id resumes from prompt + first token. Its
+    output equals one engine's, and the cancel leaves the new request's stream alone in
+    either order."""
+    prompt = list(range(9, 49))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    (single,) = LLM(str(model_dir), tokenizer=False, num_blocks=64).generate([prompt], params)
+    want = single.outputs[0].token_ids
+    for cancel_first in (True, False):
+        llm = LLM(str(model_dir), tokenizer=False, num_blocks=64)
+        llm.engine.reserve_kv("r", prompt, params)
+        first = llm.engine.first_token("r", want[0])
+        if cancel_first:
+            assert llm.engine.cancel_kv_reservation("r")
+        llm.engine.add_request("r", prompt, params, resume_output_token_ids=first.new_token_ids)
+        if not cancel_first:
+            assert llm.engine.cancel_kv_reservation("r")
+        rest = [t for o in _drain(llm) for t in o.new_token_ids]
+        assert [*first.new_token_ids, *rest] == want
+        assert llm.engine.block_manager.num_used_blocks == 0
+        llm.engine.check_integrity()

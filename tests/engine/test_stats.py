@@ -89,7 +89,8 @@ def test_remote_prefilled_request_only_decodes(model_dir: Path) -> None:
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     prompt = _prompt(4, 33)
     llm.engine.reserve_kv("r", prompt, params)
-    llm.engine.admit_prefilled("r", 7)
+    llm.engine.first_token("r", 7)
+    llm.engine.admit_prefilled("r")
     stats = _run(llm)
     assert _sum(stats, "num_prefill_tokens") == 0
     assert _sum(stats, "num_decode_tokens") == 6 - 1

@@ -1,8 +1,9 @@
 """Remote prefills go over one long-lived PrefillSession stream per (decode, prefill) pair:
 per request, its request first, its KV destination later (while the prompt computes), or a
-cancel. Every way a request ends without a send frees the prefill worker's blocks, and the
-decode worker's; a per-request error leaves the session usable; a broken session falls back to
-local prefills. Real processes, driven through their gRPC servers."""
+cancel; down, its first token as soon as it is sampled, then its reply or error. Every way a
+request ends without a send frees the prefill worker's blocks, and the decode worker's; a
+per-request error leaves the session usable; a broken session falls back to local prefills.
+Real processes, driven through their gRPC servers (and one scripted prefill peer)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -107,8 +109,13 @@ def test_a_request_cancelled_before_its_destination_frees_the_prefill(
             await call.write(_request(rid, list(range(500, 700))))
             if when == "computed":
                 await _held(prefill, rid)
+                sampled = await call.read()  # its first token, sent once computed
+                assert sampled.WhichOneof("part") == "first" and sampled.first.request_id == rid
             await call.write(_cancel(rid))
             first = await call.read()
+            if first.WhichOneof("part") == "first":  # computed before the cancel came
+                assert when == "computing" and first.first.request_id == rid
+                first = await call.read()
             await call.write(_destination(rid))
             second = await call.read()
             await call.done_writing()
@@ -136,6 +143,8 @@ def test_a_request_without_a_destination_frees(workers: dict[str, Child], ending
             call = pb_grpc.PrefillWorkerStub(channel).PrefillSession(timeout=30)
             await call.write(_request(rid, list(range(800, 900))))
             await _held(prefill, rid)
+            sampled = await call.read()  # its first token, sent once computed
+            assert sampled.WhichOneof("part") == "first" and sampled.first.request_id == rid
             if ending == "no_kv":
                 await call.write(_destination(rid))
                 down = await call.read()
@@ -189,6 +198,87 @@ def test_a_session_that_ends_before_its_destination_falls_back(
     req.prefill.remote.prefill_worker_id = "not-a-prefill-worker"
     local = _generate_request("local", prompt, None)
     assert asyncio.run(_generate(decode, req)) == asyncio.run(_generate(decode, local))
+    audit = settled_audit(decode, "decode")
+    assert audit.error == "" and audit.num_used == 0 and not audit.holders, audit
+
+
+class _ScriptedPrefill(pb_grpc.PrefillWorkerServicer):
+    """A prefill peer that answers each request's destination with `token` as its first token
+    and then, once `fail` is set, an UNAVAILABLE error instead of a reply (a KV send that
+    failed after the first token went out). Records the cancels it reads."""
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+        self.fail = asyncio.Event()
+        self.cancels: list[str] = []
+
+    async def PrefillSession(
+        self, up: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PrefillDown]:
+        async for msg in up:
+            part = msg.WhichOneof("part")
+            if part == "destination":
+                rid = msg.destination.request_id
+                yield pb.PrefillDown(
+                    first=pb.PrefillFirstToken(request_id=rid, token_id=self.token)
+                )
+                await self.fail.wait()
+                error = pb.PrefillError(request_id=rid, code="UNAVAILABLE", message="send failed")
+                yield pb.PrefillDown(error=error)
+            elif part == "cancel":
+                self.cancels.append(msg.cancel.request_id)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 4])
+def test_the_first_token_streams_before_the_kv_lands(
+    workers: dict[str, Child], max_tokens: int
+) -> None:
+    """The decode worker streams the prefill side's first token as soon as it comes, while the
+    KV is still on its way (here it never lands: the peer fails the request after it). The
+    rest is computed here from prompt + first token: the same tokens as a local prefill,
+    none twice, counted as a fallback. A first token that finishes the request (max_tokens
+    1) ends it at once: the pending remote prefill is cancelled, nothing falls back. No
+    block is kept either way."""
+    decode = workers["decode"].address
+    prompt = list(range(6000, 6050))
+    sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    local = asyncio.run(_generate(decode, generate_request("early-local", prompt, sampling, None)))
+    fallbacks = _counter(decode, "decode", FALLBACKS)
+
+    async def run() -> tuple[list[list[int]], list[str]]:
+        peer = _ScriptedPrefill(local[0])
+        server = grpc.aio.server()
+        pb_grpc.add_PrefillWorkerServicer_to_server(peer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            req = generate_request(f"early-{max_tokens}", prompt, sampling, f"127.0.0.1:{port}")
+            messages: list[list[int]] = []
+            async with grpc.aio.insecure_channel(decode) as channel:
+                stream = pb_grpc.DecodeWorkerStub(channel).Generate(req, timeout=30)
+                first = await stream.read()
+                assert not peer.fail.is_set()  # no reply yet: the KV has not landed
+                messages.append(list(first.token_ids))
+                assert first.prefill_s > 0 and first.kv_transfer_s == 0
+                peer.fail.set()
+                while (msg := await stream.read()) != grpc.aio.EOF:
+                    messages.append(list(msg.token_ids))
+                    assert msg.kv_transfer_s == 0  # no KV ever landed
+            for _ in range(100):  # the cancel may still be on its way
+                if max_tokens > 1 or peer.cancels:
+                    break
+                await asyncio.sleep(0.05)
+            return messages, peer.cancels
+        finally:
+            await server.stop(None)
+
+    messages, cancels = asyncio.run(run())
+    assert messages[0] == local[:1]
+    assert [t for m in messages for t in m] == local
+    expected_fallbacks = fallbacks + (1 if max_tokens > 1 else 0)
+    assert _counter(decode, "decode", FALLBACKS) == expected_fallbacks
+    if max_tokens == 1:
+        assert cancels == ["early-1"]
     audit = settled_audit(decode, "decode")
     assert audit.error == "" and audit.num_used == 0 and not audit.holders, audit
 
