@@ -245,11 +245,15 @@ def _auto_where(
     remote = f"{p.worker_id} est {remote_s:.3f} s at {p_cost}"
     if remote_s <= config.prefill_budget_s:
         return cause, f"{many}; {remote} <= {config.prefill_budget_s:g} s"
-    # A decode worker that has not prefilled a prompt yet is assumed as fast as the prefill
-    # worker (same model); its first local prefills measure its own rate, decode batch included.
+    # A decode worker whose own model does not cover this prompt (none yet, too few prefills,
+    # or fitted on much shorter prompts: router/prefill_rate.py) is assumed as fast as the
+    # prefill worker (same model); its local prefills measure its own rate, decode batch
+    # included.
     measured = d.prefill_cost
-    d_cost = measured if measured is not None else p_cost
-    d_cost_why = "measured" if measured is not None else f"assumed {p.worker_id}'s"
+    if measured is not None and measured.covers(local_todo):
+        d_cost, d_cost_why = measured, "measured"
+    else:
+        d_cost, d_cost_why = p_cost, f"assumed {p.worker_id}'s"
     local_s = prefill_time_s(d, local_todo, d_cost)
     local = f"local est {local_s:.3f} s at {d_cost} ({d_cost_why})"
     over = f"{remote} > {config.prefill_budget_s:g} s"

@@ -30,6 +30,14 @@ spread of lengths to fit (a workload of one prompt length), or a fit that is not
 negative term), the model is the plain rate: per_prompt_s = 0.
 Hazard: a prefill aborted before its first token charges its busy time to the next completion.
 
+A model is only as good as the prompts it was fitted on: `covers(tokens)` is False for a
+worker with fewer than MIN_PREFILLS completions behind its model, or for a prompt over
+EXTRAPOLATION times their mean length. On two H200s, after a multi-turn sweep, a decode worker's
+rate fitted on 2 local prefills of ~128 tokens read 5.2K tok/s (its step time per prompt, not a
+throughput) and auto sent 8,000-token prompts to a saturated prefill worker as "local not
+sooner" (31K tok/s once measured on them). The policy then assumes the prefill worker's model
+(router/policy.py).
+
 No clock here: every method takes `now` (seconds, one monotonic clock per registry).
 """
 
@@ -41,6 +49,10 @@ MEMORY_PREFILLS = 32  # completions of history: each new one weighs 1/32 of the 
 # Below this relative spread of prompt lengths (variance / mean^2) the two terms cannot be told
 # apart and the plain rate is used. 0.01 = a standard deviation of 10 % of the mean length.
 MIN_RELATIVE_VARIANCE = 0.01
+# A model covers prompts up to EXTRAPOLATION x the mean length it was fitted on, once it has
+# MIN_PREFILLS (decayed) completions behind it.
+MIN_PREFILLS = 4.0
+EXTRAPOLATION = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +62,17 @@ class PrefillCost:
 
     tokens_per_s: float  # > 0
     per_prompt_s: float  # >= 0: RPC, KV transfer, admission and first step, per prompt
+    prompts: float  # completions it was fitted on (decayed: recent ones weigh more)
+    mean_tokens: float  # their mean uncached tokens
 
     def seconds(self, prompts: int, tokens: int) -> float:
         return self.per_prompt_s * prompts + tokens / self.tokens_per_s
+
+    def covers(self, tokens: int) -> bool:
+        """Fitted on enough prompts, of lengths that a prompt of `tokens` does not leave far
+        behind (the time of short prompts is mostly per-prompt cost: extrapolated to a long
+        one, it reads as a slow rate)."""
+        return self.prompts >= MIN_PREFILLS and tokens <= EXTRAPOLATION * self.mean_tokens
 
     def __str__(self) -> str:
         rate = f"{self.tokens_per_s:.0f} tok/s"
@@ -106,8 +126,8 @@ class PrefillMeter:
         """The fitted model; None until a prefill completed after measurable busy time."""
         if self._b <= 0.0 or self._t <= 0.0:
             return None
-        plain = PrefillCost(tokens_per_s=self._t / self._b, per_prompt_s=0.0)
         mean_t = self._t / self._n
+        plain = PrefillCost(self._t / self._b, 0.0, self._n, mean_t)
         var_t = self._tt / self._n - mean_t * mean_t
         if var_t < MIN_RELATIVE_VARIANCE * mean_t * mean_t:
             return plain
@@ -116,7 +136,7 @@ class PrefillMeter:
         per_prompt_s = self._b / self._n - per_token_s * mean_t
         if per_token_s <= 0.0 or per_prompt_s < 0.0:
             return plain
-        return PrefillCost(tokens_per_s=1.0 / per_token_s, per_prompt_s=per_prompt_s)
+        return PrefillCost(1.0 / per_token_s, per_prompt_s, self._n, mean_t)
 
     def progress_s(self, now: float) -> float:
         """Seconds the worker has worked on its current queue of prefills since it last

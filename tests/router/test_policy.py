@@ -22,6 +22,11 @@ from router.prefill_rate import PrefillCost
 CFG = PolicyConfig(prefill_weight=1.0, local_prefill_max_tokens=64, prefill_budget_s=0.5)
 
 
+def _cost(tokens_per_s: float, per_prompt_s: float) -> PrefillCost:
+    """A model fitted on many prompts of every length the tests ask about."""
+    return PrefillCost(tokens_per_s, per_prompt_s, prompts=32.0, mean_tokens=1e6)
+
+
 def decode(worker_id: str, **kw: object) -> WorkerSnapshot:
     base = WorkerSnapshot(
         worker_id=worker_id, address=f"{worker_id}:1", role=Role.DECODE, healthy=True,
@@ -145,16 +150,16 @@ def test_auto_prefills_short_uncached_prompts_locally() -> None:
 
 def test_auto_sends_short_prompts_remote_while_the_decode_worker_runs_requests() -> None:
     # A local prefill would stretch a step of the 3 running requests; the prefill worker is idle.
-    workers = [decode("d0", num_inflight=3), prefill("p0", prefill_cost=PrefillCost(1e4, 0.0))]
+    workers = [decode("d0", num_inflight=3), prefill("p0", prefill_cost=_cost(1e4, 0.0))]
     d = route(req(60), workers, Mode.AUTO, CFG)
     assert d.prefill_worker_id == "p0" and d.cause is RouteCause.DECODE_BUSY
     assert "uncached 60 <= 64 tokens, d0 runs 3 requests; p0 idle" in d.reason
     # within budget: still remote
-    p0 = prefill("p0", inflight_prefill_tokens=1000, prefill_cost=PrefillCost(1e4, 0.0))
+    p0 = prefill("p0", inflight_prefill_tokens=1000, prefill_cost=_cost(1e4, 0.0))
     d = route(req(60), [workers[0], p0], Mode.AUTO, CFG)
     assert d.remote_prefill and d.cause is RouteCause.DECODE_BUSY
     # prefill worker over budget and the decode worker sooner: local after all
-    slow = prefill("p0", inflight_prefill_tokens=10_000, prefill_cost=PrefillCost(1e4, 0.0))
+    slow = prefill("p0", inflight_prefill_tokens=10_000, prefill_cost=_cost(1e4, 0.0))
     d = route(req(60), [workers[0], slow], Mode.AUTO, CFG)
     assert not d.remote_prefill and d.cause is RouteCause.PREFILL_SATURATED
     # no prefill worker: local
@@ -173,13 +178,13 @@ def test_auto_sends_long_uncached_prompts_to_the_prefill_pool() -> None:
 def test_prefill_time_counts_the_queue_less_the_work_already_done() -> None:
     # 10,000 tokens queued at 10,000 tok/s, 0.25 s of them done: 0.75 s, then 1,000 more: 0.1 s
     w = prefill("p0", inflight_prefill_tokens=10_000, prefill_progress_s=0.25)
-    assert prefill_time_s(w, 1000, PrefillCost(10_000.0, 0.0)) == pytest.approx(0.85)
+    assert prefill_time_s(w, 1000, _cost(10_000.0, 0.0)) == pytest.approx(0.85)
     # progress beyond the estimate does not make the queue negative
     late = prefill("p0", inflight_prefill_tokens=1000, prefill_progress_s=5.0)
-    assert prefill_time_s(late, 1000, PrefillCost(10_000.0, 0.0)) == pytest.approx(0.1)
+    assert prefill_time_s(late, 1000, _cost(10_000.0, 0.0)) == pytest.approx(0.1)
     # with 10 ms per prompt: 2 queued prompts add 20 ms, this one 10 ms
     two = prefill("p0", num_prefilling=2, inflight_prefill_tokens=10_000, prefill_progress_s=0.25)
-    assert prefill_time_s(two, 1000, PrefillCost(10_000.0, 0.01)) == pytest.approx(0.88)
+    assert prefill_time_s(two, 1000, _cost(10_000.0, 0.01)) == pytest.approx(0.88)
 
 
 def test_auto_stays_remote_while_the_prefill_estimate_fits_the_budget() -> None:
@@ -187,7 +192,7 @@ def test_auto_stays_remote_while_the_prefill_estimate_fits_the_budget() -> None:
     # decode worker that would be sooner (chunks stay out of the decode batch)
     workers = [
         decode("d0"),
-        prefill("p0", inflight_prefill_tokens=3000, prefill_cost=PrefillCost(1e4, 0.0)),
+        prefill("p0", inflight_prefill_tokens=3000, prefill_cost=_cost(1e4, 0.0)),
     ]
     d = route(req(1000), workers, Mode.AUTO, CFG)
     assert d.remote_prefill and d.cause is RouteCause.MANY_UNCACHED
@@ -199,12 +204,12 @@ def test_auto_spills_a_prompt_to_the_decode_worker_past_the_budget_in_time() -> 
     # slow one (local): the rule is in seconds of measured work, not in tokens.
     fast = [
         decode("d0"),
-        prefill("p0", inflight_prefill_tokens=5000, prefill_cost=PrefillCost(2e4, 0.0)),
+        prefill("p0", inflight_prefill_tokens=5000, prefill_cost=_cost(2e4, 0.0)),
     ]
     assert route(req(1000), fast, Mode.AUTO, CFG).remote_prefill
     slow = [
         decode("d0"),
-        prefill("p0", inflight_prefill_tokens=5000, prefill_cost=PrefillCost(1e4, 0.0)),
+        prefill("p0", inflight_prefill_tokens=5000, prefill_cost=_cost(1e4, 0.0)),
     ]
     d = route(req(1000), slow, Mode.AUTO, CFG)
     assert not d.remote_prefill and d.cause is RouteCause.PREFILL_SATURATED
@@ -218,8 +223,8 @@ def test_auto_spills_a_prompt_to_the_decode_worker_past_the_budget_in_time() -> 
 def test_auto_keeps_a_prompt_remote_when_local_would_not_be_sooner() -> None:
     # p0: 0.6 s; d0 measured at 4,000 tok/s with 1,000 tokens of its own queued: 0.5 s -> local;
     # with 2,000 queued: 0.75 s -> remote after all
-    p0 = prefill("p0", inflight_prefill_tokens=5000, prefill_cost=PrefillCost(1e4, 0.0))
-    busy = decode("d0", inflight_prefill_tokens=1000, prefill_cost=PrefillCost(4000.0, 0.0))
+    p0 = prefill("p0", inflight_prefill_tokens=5000, prefill_cost=_cost(1e4, 0.0))
+    busy = decode("d0", inflight_prefill_tokens=1000, prefill_cost=_cost(4000.0, 0.0))
     d = route(req(1000), [busy, p0], Mode.AUTO, CFG)
     assert not d.remote_prefill and "local est 0.500 s at 4000 tok/s (measured)" in d.reason
     busier = dataclasses.replace(busy, inflight_prefill_tokens=2000)
@@ -232,19 +237,35 @@ def test_auto_local_estimate_counts_only_the_uncached_part_on_each_side() -> Non
     # 1,600 tokens; d0 caches 60 blocks (960), p0 none. p0: 0.6 + 0.16 s; d0: 640 / 1e4 s
     workers = [
         decode("d0"),
-        prefill("p0", inflight_prefill_tokens=6000, prefill_cost=PrefillCost(1e4, 0.0)),
+        prefill("p0", inflight_prefill_tokens=6000, prefill_cost=_cost(1e4, 0.0)),
     ]
     d = route(req(1600, d0=60), workers, Mode.AUTO, CFG)
     assert not d.remote_prefill and d.uncached_tokens == 640
     assert "p0 est 0.760 s" in d.reason and "local est 0.064 s" in d.reason
 
 
+def test_auto_judges_a_long_prompt_by_the_prefill_workers_model_when_its_own_is_short() -> None:
+    # d0's model: 2 prefills of ~128 tokens (1,000 tok/s: mostly its step time per prompt),
+    # which does not cover 3,000 tokens: d0 is assumed p0's 30,000 tok/s (0.1 s) against p0's
+    # queue (0.5 + 0.1 s, over the 0.5 s budget) -> local. A model fitted on long prompts is
+    # its own: 3 s, not sooner -> remote.
+    p0 = prefill("p0", inflight_prefill_tokens=15_000, prefill_cost=_cost(3e4, 0.0))
+    short = PrefillCost(1000.0, 0.0, prompts=2.0, mean_tokens=128.0)
+    d = route(req(3000), [decode("d0", prefill_cost=short), p0], Mode.AUTO, CFG)
+    assert not d.remote_prefill and d.cause is RouteCause.PREFILL_SATURATED
+    assert "local est 0.100 s at 30000 tok/s (assumed p0's)" in d.reason
+    long = PrefillCost(1000.0, 0.0, prompts=32.0, mean_tokens=3000.0)
+    d = route(req(3000), [decode("d0", prefill_cost=long), p0], Mode.AUTO, CFG)
+    assert d.remote_prefill and d.cause is RouteCause.LOCAL_NOT_SOONER
+    assert "local est 3.000 s at 1000 tok/s (measured)" in d.reason
+
+
 def test_auto_never_bypasses_an_idle_prefill_worker() -> None:
     # measured slow (1,000 tok/s: 1 s for this prompt, over budget) but idle: remote, which is
     # how its rate is measured again; the decode batch pays nothing for it
     workers = [
-        decode("d0", prefill_cost=PrefillCost(1e5, 0.0)),
-        prefill("p0", prefill_cost=PrefillCost(1e3, 0.0)),
+        decode("d0", prefill_cost=_cost(1e5, 0.0)),
+        prefill("p0", prefill_cost=_cost(1e3, 0.0)),
     ]
     d = route(req(1000), workers, Mode.AUTO, CFG)
     assert d.remote_prefill and d.cause is RouteCause.MANY_UNCACHED and "p0 idle" in d.reason

@@ -143,6 +143,28 @@ def test_registry_measures_the_prefiller_of_each_ticket() -> None:
             await reg.stop()
 
     snap = asyncio.run(scenario())
-    assert snap["d0"][0] == PrefillCost(pytest.approx(20_000.0), 0.0) and snap["d0"][1] == 0.0
-    assert snap["p0"][0] == PrefillCost(pytest.approx(10_000.0), 0.0)
+    d0, p0 = snap["d0"][0], snap["p0"][0]
+    assert d0 is not None and p0 is not None
+    assert (d0.tokens_per_s, d0.per_prompt_s) == (pytest.approx(20_000.0), 0.0)
+    assert snap["d0"][1] == 0.0
+    assert (p0.tokens_per_s, p0.per_prompt_s) == (pytest.approx(10_000.0), 0.0)
     assert snap["p0"][1] == pytest.approx(0.1)
+
+
+def test_a_model_covers_only_prompts_like_those_it_was_fitted_on() -> None:
+    """Two short prefills are too few to judge any prompt by; many ~128-token ones judge
+    prompts up to 4x their length, not an 8,000-token one (their time is mostly per-prompt)."""
+    m = PrefillMeter()
+    now = 0.0
+    for i in range(8):
+        m.started(now)
+        now += 0.025
+        m.completed(now, 128)
+        if i == 1:
+            two = m.cost()
+            assert two is not None and two.prompts == pytest.approx(2.0, rel=0.05)
+            assert not two.covers(128)
+        now += 1.0
+    cost = m.cost()
+    assert cost is not None and cost.mean_tokens == pytest.approx(128)
+    assert cost.covers(128) and cost.covers(512) and not cost.covers(8000)
