@@ -83,12 +83,12 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "a resumed request needs a local prefill plan"
             )
         start = time.monotonic()
-        landed = _Landed()  # a remote prefill's KV, once it landed
-        kv_reported = False  # landed.transfer_s went out (on the first message after it)
+        report = _RemoteReport()  # what a remote prefill reported, as it came
+        kv_reported = False  # report.transfer_s went out (on the first message after it)
         try:
             outputs: AsyncIterator[RequestOutput]
             if remote:
-                outputs = self._remote_outputs(request, prompt, params, landed)
+                outputs = self._remote_outputs(request, prompt, params, report)
             else:
                 outputs = self.engine.generate(rid, prompt, params, resume_output_token_ids=resumed)
             num_tokens = len(resumed)  # usage counts the whole output, before and after a move
@@ -107,18 +107,18 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
                     if first:
                         first = False
                         msg.prefill_s = time.monotonic() - start
-                    if landed.transfer_s is not None and not kv_reported:
+                    if report.transfer_s is not None and not kv_reported:
                         kv_reported = True
-                        msg.kv_transfer_s = landed.transfer_s
+                        msg.kv_transfer_s = report.transfer_s
                     num_tokens += len(msg.token_ids)
                     if out.finished:
                         msg.usage.completion_tokens = num_tokens
-                        if landed.cached_tokens is not None:
+                        if report.cached_tokens is not None:
                             # the longer of the two prefix hits (this worker's, which skipped
                             # the transfer, already in the message; the prefill worker's,
                             # which skipped the compute): prompt tokens found in either cache
                             msg.usage.cached_tokens = max(
-                                msg.usage.cached_tokens, landed.cached_tokens
+                                msg.usage.cached_tokens, report.cached_tokens
                             )
                         # a resumed request may hit its own earlier output in the cache
                         msg.usage.cached_tokens = min(msg.usage.cached_tokens, len(prompt))
@@ -147,11 +147,11 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
         request: pb.GenerateRequest,
         prompt: list[int],
         params: SamplingParams,
-        landed: _Landed,
+        report: _RemoteReport,
     ) -> AsyncIterator[RequestOutput]:
         """A request's outputs when a prefill worker computes its prompt: the first token as
         soon as the prefill worker sampled it (its KV still on the way), then, once the KV
-        landed in blocks reserved here, the rest (`landed` is filled then).
+        landed in blocks reserved here, the rest (`report` is filled as they come).
 
         The request goes first on the session with what the compute needs; the reservation
         and the sink's lease run meanwhile and their KV destination follows it, needed by the
@@ -244,6 +244,7 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
                 lp = sampled.logprob
                 top = tuple(zip(lp.top_token_ids, lp.top_logprobs, strict=True))
                 first_logprob = TokenLogprob(lp.token_id, lp.logprob, top)
+            report.cached_tokens = sampled.cached_tokens
             first = await self.engine.first_token(rid, sampled.token_id, first_logprob)
             clock.lap("first_output")
             yield first
@@ -265,11 +266,12 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
                 clock.lap("admit")
             except RemotePrefillFailed as e:
                 give_up(e)
+                report.cached_tokens = None  # the prompt is computed here again: our hits only
                 outputs = self.engine.generate(
                     rid, prompt, params, resume_output_token_ids=first.new_token_ids
                 )
             else:
-                landed.transfer_s, landed.cached_tokens = reply.kv_transfer_s, reply.cached_tokens
+                report.transfer_s = reply.kv_transfer_s
                 self.on_kv_reuse(reserved.num_hit_blocks)
             async with contextlib.aclosing(outputs):
                 async for out in outputs:
@@ -309,11 +311,12 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
 
 
 @dataclasses.dataclass
-class _Landed:
-    """A remote prefill's KV, filled by _remote_outputs once it landed and was admitted."""
+class _RemoteReport:
+    """What the prefill worker reported on a remote prefill, filled by _remote_outputs: its
+    cache hits with the first token, the KV write time once the KV landed and was admitted."""
 
-    transfer_s: float | None = None  # the prefill worker's KV write (PrefillResponse)
     cached_tokens: int | None = None  # prompt tokens the prefill worker had cached
+    transfer_s: float | None = None  # the prefill worker's KV write (PrefillResponse)
 
 
 class _StepClock:

@@ -166,7 +166,6 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
             raise PrefillRefused(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {result.error}")
         return pb.PrefillResponse(
             request_id=rid,
-            cached_tokens=last.num_cached_tokens,
             prefill_s=prefill_s,
             kv_transfer_s=result.elapsed_s,
             destination_wait_s=max(0.0, dest.arrived - computed_at),
@@ -223,7 +222,9 @@ class PrefillServicer(worker_rpc.WorkerRpcs, pb_grpc.PrefillWorkerServicer):
 
 
 def _first_token(rid: str, last: RequestOutput) -> pb.PrefillFirstToken:
-    msg = pb.PrefillFirstToken(request_id=rid, token_id=last.new_token_ids[0])
+    msg = pb.PrefillFirstToken(
+        request_id=rid, token_id=last.new_token_ids[0], cached_tokens=last.num_cached_tokens
+    )
     if last.new_logprobs:
         lp = last.new_logprobs[0]
         msg.logprob.CopyFrom(logprob_to_proto(lp.token_id, lp.logprob, lp.top))

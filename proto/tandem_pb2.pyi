@@ -627,8 +627,11 @@ class PrefillFirstToken(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TOKEN_ID_FIELD_NUMBER: _builtins.int
     LOGPROB_FIELD_NUMBER: _builtins.int
+    CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     token_id: _builtins.int
+    cached_tokens: _builtins.int
+    """prompt tokens the prefill worker had cached"""
     @_builtins.property
     def logprob(self) -> Global___TokenLogprob:
         """set when sampling.logprobs is set"""
@@ -639,10 +642,11 @@ class PrefillFirstToken(_message.Message):
         request_id: _builtins.str = ...,
         token_id: _builtins.int = ...,
         logprob: Global___TokenLogprob | None = ...,
+        cached_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob", "request_id", b"request_id", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "logprob", b"logprob", "request_id", b"request_id", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -743,14 +747,12 @@ class PrefillResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
-    CACHED_TOKENS_FIELD_NUMBER: _builtins.int
     PREFILL_S_FIELD_NUMBER: _builtins.int
     KV_TRANSFER_S_FIELD_NUMBER: _builtins.int
     DESTINATION_WAIT_S_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    cached_tokens: _builtins.int
-    """prompt tokens the prefill worker had cached"""
     prefill_s: _builtins.float
+    """PrefillFirstToken"""
     kv_transfer_s: _builtins.float
     destination_wait_s: _builtins.float
     """seconds the computed KV waited for the KVDestination (0 when it came first): the part of
@@ -760,14 +762,13 @@ class PrefillResponse(_message.Message):
         self,
         *,
         request_id: _builtins.str = ...,
-        cached_tokens: _builtins.int = ...,
         prefill_s: _builtins.float = ...,
         kv_transfer_s: _builtins.float = ...,
         destination_wait_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached_tokens", b"cached_tokens", "destination_wait_s", b"destination_wait_s", "kv_transfer_s", b"kv_transfer_s", "prefill_s", b"prefill_s", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination_wait_s", b"destination_wait_s", "kv_transfer_s", b"kv_transfer_s", "prefill_s", b"prefill_s", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
