@@ -169,14 +169,32 @@ async def run_rate(
 
     nested = await asyncio.gather(*(conversation(i, o) for i, o in enumerate(offsets)))
     duration_s = time.perf_counter() - start
-    return summarize_rate(config, rate, [r for rs in nested for r in rs], duration_s)
+    return summarize_rate(config, rate, [r for rs in nested for r in rs], duration_s, start)
 
 
 def summarize_rate(
-    config: SweepConfig, rate: float, results: Sequence[RequestResult], duration_s: float
+    config: SweepConfig,
+    rate: float,
+    results: Sequence[RequestResult],
+    duration_s: float,
+    start: float,
 ) -> dict[str, Any]:
+    """One rate's row; `start` (time.perf_counter()) is when its first request was due."""
     done = [r for r in results if r.ok]
     sent = max(1, len(results))
+    # each request in send order: what a rate's attainment hides (when the misses were, and
+    # where the router had them prefilled)
+    detail = [
+        {
+            "sent_s": round(r.sent_at - start, 4),
+            "ttft_s": round(r.ttft_s, 4) if r.ok else None,
+            "itl_p90_s": round(percentiles(r.itl_s)["p90"], 4) if r.itl_s else None,
+            "strict": config.strict.met(r),
+            "route": r.route,
+            "error": r.error,
+        }
+        for r in sorted(results, key=lambda r: r.sent_at)
+    ]
     return {
         "rate": rate,
         "requests": len(results),
@@ -191,6 +209,7 @@ def summarize_rate(
         "ttft_s": percentiles([r.ttft_s for r in done]),
         "itl_s": percentiles([gap for r in done for gap in r.itl_s]),
         "tpot_s": percentiles([r.tpot_s for r in done]),
+        "per_request": detail,
     }
 
 

@@ -43,6 +43,7 @@ import httpx
 from bench import router_metrics
 
 PERCENTILES = (50, 90, 99)
+ROUTE_HEADER = "x-tandem-route"  # the router's routing explanation (router/server.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,8 @@ class RequestResult:
     e2e_s: float = math.nan
     itl_s: list[float] = field(default_factory=list)  # gaps between chunks after the first
     error: str = ""
+    sent_at: float = math.nan  # time.perf_counter() when it was sent
+    route: str = ""  # the router's x-tandem-route header (where it was prefilled, and why)
 
     @property
     def tpot_s(self) -> float:
@@ -121,12 +124,13 @@ async def one_request(
     }  # fmt: skip
     if not config.stream:
         return await _one_whole(client, body, time.perf_counter())
-    result = RequestResult(ok=False)
     start = time.perf_counter()
+    result = RequestResult(ok=False, sent_at=start)
     last: float | None = None
     chunks = 0
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
+            result.route = response.headers.get(ROUTE_HEADER, "")
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
                 result.error = f"HTTP {response.status_code}: {text[:200]}"
@@ -166,9 +170,10 @@ async def _one_whole(
     """A non-streamed request: TTFT and E2E are both the time to the whole response."""
     del body["stream_options"]
     body["stream"] = False
-    result = RequestResult(ok=False)
+    result = RequestResult(ok=False, sent_at=start)
     try:
         response = await client.post("/v1/completions", json=body)
+        result.route = response.headers.get(ROUTE_HEADER, "")
         result.e2e_s = result.ttft_s = time.perf_counter() - start
         if response.status_code != 200:
             result.error = f"HTTP {response.status_code}: {response.text[:200]}"

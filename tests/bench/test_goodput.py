@@ -85,10 +85,10 @@ def test_arrivals_and_request_counts_follow_the_rate() -> None:
         sweep_config(rates=(0.0,))
 
 
-def result(ttft: float, gaps: list[float], ok: bool = True) -> RequestResult:
+def result(ttft: float, gaps: list[float], ok: bool = True, sent_at: float = 0.0) -> RequestResult:
     return RequestResult(
         ok=ok, prompt_tokens=3000, output_tokens=len(gaps) + 1, ttft_s=ttft,
-        e2e_s=ttft + sum(gaps), itl_s=gaps,
+        e2e_s=ttft + sum(gaps), itl_s=gaps, sent_at=sent_at, route="mode=auto; prefill=p0",
     )  # fmt: skip
 
 
@@ -105,20 +105,35 @@ def test_slo_uses_ttft_and_each_requests_own_itl_p90() -> None:
 def test_rate_summary_and_goodput() -> None:
     c = sweep_config()
     rows = [
-        summarize_rate(c, 1.0, [result(0.2, [0.01] * 9)] * 10, duration_s=10.0),
+        summarize_rate(c, 1.0, [result(0.2, [0.01] * 9)] * 10, duration_s=10.0, start=0.0),
         summarize_rate(
-            c, 2.0, [result(0.2, [0.01] * 9)] * 9 + [result(3.0, [0.01] * 9)], duration_s=10.0
+            c,
+            2.0,
+            [result(0.2, [0.01] * 9)] * 9 + [result(3.0, [0.01] * 9)],
+            duration_s=10.0,
+            start=0.0,
         ),
-        summarize_rate(c, 4.0, [result(1.5, [0.03] * 9)] * 10, duration_s=10.0),
+        summarize_rate(c, 4.0, [result(1.5, [0.03] * 9)] * 10, duration_s=10.0, start=0.0),
     ]
     assert [r["attainment_strict"] for r in rows] == [1.0, 0.9, 0.0]
     assert [r["attainment_loose"] for r in rows] == [1.0, 0.9, 1.0]
     assert goodput(rows, "attainment_strict") == 2.0
     assert goodput(rows, "attainment_loose") == 4.0
     assert rows[0]["achieved_rps"] == 1.0 and rows[0]["output_token_throughput_tps"] == 10.0
-    failed = summarize_rate(c, 8.0, [result(0.1, [], ok=False)], duration_s=1.0)
+    failed = summarize_rate(c, 8.0, [result(0.1, [], ok=False)], duration_s=1.0, start=0.0)
     assert failed["attainment_strict"] == 0.0 and failed["failed"] == 1
     assert goodput([failed], "attainment_strict") == 0.0
+
+
+def test_rate_rows_keep_each_request_in_send_order() -> None:
+    late, early = result(3.0, [0.01] * 9, sent_at=101.5), result(0.2, [0.01] * 9, sent_at=100.25)
+    row = summarize_rate(sweep_config(), 2.0, [late, early], duration_s=5.0, start=100.0)
+    assert row["per_request"] == [
+        {"sent_s": 0.25, "ttft_s": 0.2, "itl_p90_s": 0.01, "strict": True,
+         "route": "mode=auto; prefill=p0", "error": ""},
+        {"sent_s": 1.5, "ttft_s": 3.0, "itl_p90_s": 0.01, "strict": False,
+         "route": "mode=auto; prefill=p0", "error": ""},
+    ]  # fmt: skip
 
 
 def test_cli_table_and_plot(tmp_path: Path) -> None:
@@ -143,7 +158,7 @@ def test_cli_table_and_plot(tmp_path: Path) -> None:
     files = []
     for label, attain in (("disagg", [1.0, 0.95, 0.5]), ("collocated", [1.0, 0.6, 0.1])):
         rows = [
-            {**summarize_rate(sweep_config(), rate, [result(0.2, [0.01])], 1.0),
+            {**summarize_rate(sweep_config(), rate, [result(0.2, [0.01])], 1.0, 0.0),
              "attainment_strict": a, "attainment_loose": a}
             for rate, a in zip((1.0, 2.0, 4.0), attain, strict=True)
         ]  # fmt: skip
