@@ -236,43 +236,43 @@ class DecodeServicer(worker_rpc.WorkerRpcs, pb_grpc.DecodeWorkerServicer):
             except RemotePrefillFailed as e:
                 # Nothing was streamed yet: computing the prompt here instead loses only time.
                 give_up(e)
-                async for out in self.engine.generate(rid, prompt, params):
-                    yield out
-                return
-            first_logprob = None
-            if sampled.HasField("logprob"):
-                lp = sampled.logprob
-                top = tuple(zip(lp.top_token_ids, lp.top_logprobs, strict=True))
-                first_logprob = TokenLogprob(lp.token_id, lp.logprob, top)
-            report.cached_tokens = sampled.cached_tokens
-            first = await self.engine.first_token(rid, sampled.token_id, first_logprob)
-            clock.lap("first_output")
-            yield first
-            if first.finished:
-                return  # never admitted: the finally gives the reservation back
-            try:
-                reply = await prefill.reply()
-                clock.lap("kv_send")
-                clock.report("destination_wait", reply.destination_wait_s)
-                outcome = await sink.outcome(rid)
-                clock.lap("outcome")
-                if isinstance(outcome, KVLost):
-                    raise RemotePrefillFailed(
-                        f"KV did not land: {outcome.reason.value}: {outcome.detail}",
-                        f"kv_{outcome.reason.value}",
-                    )
-                outputs = await self.engine.admit_prefilled(rid)
-                admitted = True
-                clock.lap("admit")
-            except RemotePrefillFailed as e:
-                give_up(e)
-                report.cached_tokens = None  # the prompt is computed here again: our hits only
-                outputs = self.engine.generate(
-                    rid, prompt, params, resume_output_token_ids=first.new_token_ids
-                )
+                outputs = self.engine.generate(rid, prompt, params)
             else:
-                report.transfer_s = reply.kv_transfer_s
-                self.on_kv_reuse(reserved.num_hit_blocks)
+                first_logprob = None
+                if sampled.HasField("logprob"):
+                    lp = sampled.logprob
+                    top = tuple(zip(lp.top_token_ids, lp.top_logprobs, strict=True))
+                    first_logprob = TokenLogprob(lp.token_id, lp.logprob, top)
+                report.cached_tokens = sampled.cached_tokens
+                first = await self.engine.first_token(rid, sampled.token_id, first_logprob)
+                clock.lap("first_output")
+                yield first
+                if first.finished:
+                    return  # never admitted: the finally gives the reservation back
+                try:
+                    reply = await prefill.reply()
+                    clock.lap("kv_send")
+                    clock.report("destination_wait", reply.destination_wait_s)
+                    outcome = await sink.outcome(rid)
+                    clock.lap("outcome")
+                    if isinstance(outcome, KVLost):
+                        raise RemotePrefillFailed(
+                            f"KV did not land: {outcome.reason.value}: {outcome.detail}",
+                            f"kv_{outcome.reason.value}",
+                        )
+                    outputs = await self.engine.admit_prefilled(rid)
+                    admitted = True
+                    clock.lap("admit")
+                except RemotePrefillFailed as e:
+                    give_up(e)
+                    report.cached_tokens = None  # computed here again: our own hits only
+                    outputs = self.engine.generate(
+                        rid, prompt, params, resume_output_token_ids=first.new_token_ids
+                    )
+                else:
+                    report.transfer_s = reply.kv_transfer_s
+                    self.on_kv_reuse(reserved.num_hit_blocks)
+            # the engine's stream, closed when we are (its abort frees the request)
             async with contextlib.aclosing(outputs):
                 async for out in outputs:
                     yield out
