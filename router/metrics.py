@@ -209,8 +209,8 @@ class _WorkerCollector(Collector):
         )
         per_prompt = GaugeMetricFamily(
             "tandem_router_worker_prefill_overhead_seconds",
-            "Per-prompt term of the prefill time model the router measured on the worker (RPC, "
-            "KV transfer, admission, first step; 0: not measured, or one prompt length only)",
+            "Per-prompt term of the prefill time model the router measured on the worker (RPCs, "
+            "the first token's hops, first step; 0: not measured, or one prompt length only)",
             labels=labels,
         )
         free = GaugeMetricFamily(

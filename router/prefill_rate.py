@@ -8,8 +8,9 @@ prefills that completed over the busy seconds that produced them:
     tokens_per_s = sum(tokens of completed prefills) / sum(busy seconds)    (both decayed)
 
 What this measures, and so what `auto` compares (router/policy.py):
-- on a prefill worker: its compute, the KV transfer and the decode worker's admission, i.e.
-  what a remote prefill costs a request's TTFT per token, with per-request overheads included;
+- on a prefill worker: its compute and the first token's way back through the decode worker
+  (the KV transfer follows it, off the TTFT), i.e. what a remote prefill costs a request's
+  TTFT per token, with per-request overheads included;
 - on a decode worker (prompts it prefills itself): its chunked-prefill rate *while it also
   decodes its batch* (chunks share steps with decode tokens), which is the rate that matters.
 Batching is harmless (several prompts sharing steps still complete their tokens in the busy
@@ -61,7 +62,7 @@ class PrefillCost:
     tokens_per_s."""
 
     tokens_per_s: float  # > 0
-    per_prompt_s: float  # >= 0: RPC, KV transfer, admission and first step, per prompt
+    per_prompt_s: float  # >= 0: RPCs, the first token's hops, the first step, per prompt
     prompts: float  # completions it was fitted on (decayed: recent ones weigh more)
     mean_tokens: float  # their mean uncached tokens
 
