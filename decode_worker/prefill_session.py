@@ -167,9 +167,10 @@ class PrefillSession:
                 # came too late): nobody waits for it any more
                 if pending is None:
                     continue
+                # its reply is unset: a reply is set (or failed, or cancelled) only as the
+                # request leaves _pending (here, cancel, _fail)
                 if part == "reply" and pending.first.done():
-                    if not pending.reply.done():
-                        pending.reply.set_result(down.reply)
+                    pending.reply.set_result(down.reply)
                 elif part == "reply":
                     pending.fail(
                         RemotePrefillFailed(
