@@ -29,7 +29,7 @@ from router.config import (
     parse_workers,
 )
 from router.server import build_app
-from runtime.gc_pauses import freeze_startup_heap
+from runtime.gc_pauses import LoopCollector, freeze_startup_heap
 from runtime.tls import add_tls_args, tls_from_args
 from runtime.tokenizer import Tokenizer
 
@@ -180,10 +180,16 @@ async def serve(config: RouterConfig, log_level: str) -> None:
     # everything alive now lives as long as the process: out of the GC's full walks
     frozen = freeze_startup_heap()
     app.state.frontend.metrics.gc.install()
-    log.info("froze %d startup objects out of garbage collection", frozen)
+    # collections between requests' segments, not inside one (runtime/gc_pauses.py)
+    collector = LoopCollector(asyncio.get_running_loop())
+    collector.start()
+    log.info("froze %d startup objects out of garbage collection; collecting on the loop", frozen)
     # launchers (deploy/local_cluster.py) read `READY <name> <host:port>`
     print(f"READY router {config.host}:{port}", flush=True)
-    await serving
+    try:
+        await serving
+    finally:
+        collector.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,12 @@ Content-Length at once, or as soon as a chunked body passes the limit, so the ro
 holds more than the limit of one request's body: it is read here, whole, before the app runs).
 Both answers are in OpenAI's error format.
 `/admin/*` checks its own key (router/admin.py); `/health` and `/metrics` stay open.
+
+The guard also stamps the request's arrival (its Timing, in the scope under TIMING_KEY) once
+the body is whole: the router overhead starts there. Before that moment the router can do
+nothing for the request but wait for the client's bytes (httpx, for one, writes the head and
+the body in two writes; uvicorn starts the app on the head), and the loop meanwhile runs other
+requests' work, which must not count as this request's (docs/metrics.md).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from router.errors import InvalidRequest, PayloadTooLarge, RouterError, Unauthorized
+from router.serving import TIMING_KEY, Timing
 
 API_PREFIX = "/v1/"
 
@@ -60,6 +67,7 @@ class Guard:
             )
             await _refuse(error, scope, receive, send)
             return
+        scope[TIMING_KEY] = Timing.now()  # arrival: from here to the Generate call, no await
         await self.app(scope, _replay(body, receive), send)
 
     def _too_large(self) -> PayloadTooLarge:

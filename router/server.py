@@ -39,7 +39,7 @@ from router.protocol import (
 )
 from router.registry import WorkerRegistry
 from router.responses import ChoiceOutput, StreamFormatter, full_response
-from router.serving import Event, Frontend, Plan, Timing
+from router.serving import TIMING_KEY, Event, Frontend, Plan, Timing
 from router.sse import RAW_SEND_KEY, EventStream, aclose
 from runtime.tokenizer import Tokenizer
 
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ROUTE_HEADER = "x-tandem-route"
-TIMING_KEY = "tandem.timing"  # ASGI scope key of the request's Timing
 KNOWN_PATHS = frozenset(
     {
         "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
@@ -216,14 +215,14 @@ async def _disconnected(receive: Receive) -> None:
 
 
 def _timing(request: Request) -> Timing:
-    timing: Timing = request.scope[TIMING_KEY]  # set by _Stamp, outermost of the app's own
+    timing: Timing = request.scope[TIMING_KEY]  # set by the Guard once the body is whole
     return timing
 
 
 class _Stamp:
-    """Pure ASGI middleware: stamps the arrival (the request's Timing; overhead starts there),
-    counts responses by endpoint and status, and leaves its own `send` in the scope for
-    router/sse.py's body chunks (only `http.response.start` needs the wrappers inside)."""
+    """Pure ASGI middleware: counts responses by endpoint and status, and leaves its own `send`
+    in the scope for router/sse.py's body chunks (only `http.response.start` needs the wrappers
+    inside). The arrival (the request's Timing) is stamped inside it, by the Guard."""
 
     def __init__(self, app: ASGIApp, metrics: RouterMetrics) -> None:
         self.app = app
@@ -233,7 +232,6 @@ class _Stamp:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        scope[TIMING_KEY] = Timing.now()
         scope[RAW_SEND_KEY] = send
         path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"
 

@@ -8,7 +8,7 @@ The request path, in order (all on the event loop thread):
 
 Router overhead (tandem_router_overhead_seconds, docs/metrics.md) is the wall time the router
 works on a request outside awaiting its workers, as a sum of segments that contain no await:
-    dispatch   arrival (the ASGI app gets the parsed request) -> its first Generate call issued
+    dispatch   arrival (its body is whole: router/guard.py) -> its first Generate call issued
                (the request's own task all the way, no hop through the event loop; CPU:
                planning, then _attempt from its start up to the call)
     relay      each worker message, from the moment its read returns to the router -> its SSE
@@ -83,11 +83,14 @@ class Choice:
     decision: RouteDecision
 
 
+TIMING_KEY = "tandem.timing"  # ASGI scope key of the request's Timing (set by router/guard.py)
+
+
 @dataclass(slots=True)
 class Timing:
     """One request's clock; overhead as defined in the module docstring."""
 
-    arrival_s: float  # perf_counter at arrival (set by the ASGI stamp)
+    arrival_s: float  # perf_counter at arrival: the body is whole (router/guard.py)
     arrival_cpu_s: float  # time.thread_time() then
     overhead_s: float = 0.0  # router wall time so far
     overhead_cpu_s: float = 0.0  # event-loop thread CPU time over the same segments

@@ -6,6 +6,8 @@ is checked here is decided before any worker is needed.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,9 +18,11 @@ from router import convert
 from router.admission import Admission, Slot
 from router.config import AdmissionConfig, Limits, Role, RouterConfig, WorkerAddress
 from router.errors import Overloaded
+from router.guard import Guard
 from router.policy import WorkerSnapshot
 from router.protocol import CompletionRequest
 from router.server import build_app
+from router.serving import TIMING_KEY, Timing
 from runtime.tokenizer import Tokenizer
 from tests.router.test_validation import assert_openai_error, closed_port
 
@@ -197,3 +201,36 @@ def test_surrogate_pairs_and_escaped_backslashes_pass(client: TestClient) -> Non
     for prompt in (b'"\\ud83d\\ude00"', b'"\\\\ud800"'):  # an emoji; the text \ud800
         body = b'{"model": "smol", "max_tokens": 1, "prompt": ' + prompt + b"}"
         assert_openai_error(client.post("/v1/completions", content=body, headers=headers), 503)
+
+
+def test_arrival_is_stamped_once_the_body_is_whole() -> None:
+    """A client that sends its body late (httpx writes head and body apart) is waited for
+    before the router overhead starts: the Timing the app sees is stamped after the last
+    chunk, and the app gets the whole body in one message."""
+    seen: dict[str, object] = {}
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        assert callable(receive)
+        seen["timing"] = scope[TIMING_KEY]
+        seen["body"] = await receive()
+
+    chunks = [
+        {"type": "http.request", "body": b'{"a":', "more_body": True},
+        {"type": "http.request", "body": b" 1}", "more_body": False},
+    ]
+
+    async def receive() -> dict[str, object]:
+        if len(chunks) == 1:
+            await asyncio.sleep(0.05)  # the body's second write comes late
+        return chunks.pop(0)
+
+    async def send(message: object) -> None:
+        raise AssertionError(f"nothing is refused here: {message}")
+
+    scope = {"type": "http", "path": "/v1/completions", "headers": [(b"content-length", b"9")]}
+    start_s = time.perf_counter()
+    asyncio.run(Guard(app, api_key=None, max_body_bytes=MAX_BODY)(scope, receive, send))
+    timing = seen["timing"]
+    assert isinstance(timing, Timing)
+    assert timing.arrival_s - start_s >= 0.05
+    assert seen["body"] == {"type": "http.request", "body": b'{"a": 1}', "more_body": False}
