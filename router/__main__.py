@@ -29,7 +29,7 @@ from router.config import (
     parse_workers,
 )
 from router.server import build_app
-from runtime.gc_pauses import LoopCollector, freeze_startup_heap
+from runtime.gc_pauses import freeze_startup_heap, set_young_threshold
 from runtime.tls import add_tls_args, tls_from_args
 from runtime.tokenizer import Tokenizer
 
@@ -180,16 +180,11 @@ async def serve(config: RouterConfig, log_level: str) -> None:
     # everything alive now lives as long as the process: out of the GC's full walks
     frozen = freeze_startup_heap()
     app.state.frontend.metrics.gc.install()
-    # collections between requests' segments, not inside one (runtime/gc_pauses.py)
-    collector = LoopCollector(asyncio.get_running_loop())
-    collector.start()
-    log.info("froze %d startup objects out of garbage collection; collecting on the loop", frozen)
+    set_young_threshold()  # young collections ~20x rarer (runtime/gc_pauses.py)
+    log.info("froze %d startup objects out of garbage collection", frozen)
     # launchers (deploy/local_cluster.py) read `READY <name> <host:port>`
     print(f"READY router {config.host}:{port}", flush=True)
-    try:
-        await serving
-    finally:
-        collector.stop()
+    await serving
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,15 +1,13 @@
 """runtime/gc_pauses.py: every collection is timed by generation while installed, none after;
-the startup heap is frozen out of collections; LoopCollector collects on its loop's timer only."""
+the startup heap is frozen out of collections; the young threshold is raised alone."""
 
 from __future__ import annotations
 
-import asyncio
 import gc
-import weakref
 
 from prometheus_client import CollectorRegistry
 
-from runtime.gc_pauses import GcPauses, LoopCollector, freeze_startup_heap
+from runtime.gc_pauses import GcPauses, freeze_startup_heap, set_young_threshold
 
 
 def _count(registry: CollectorRegistry, generation: str) -> float:
@@ -53,29 +51,10 @@ def test_freeze_moves_the_live_heap_out_of_collections() -> None:
         gc.unfreeze()  # the test process goes on collecting its own garbage
 
 
-class _Node:
-    def __init__(self) -> None:
-        self.me = self  # a reference cycle: only the cyclic collector frees it
-
-
-def test_loop_collector_collects_on_the_loop_never_at_allocation() -> None:
-    async def run() -> None:
-        collector = LoopCollector(asyncio.get_running_loop(), poll_s=0.01)
-        collector.start()
-        try:
-            assert not gc.isenabled()
-            probe = weakref.ref(_Node())
-            garbage = [_Node() for _ in range(5 * collector.thresholds[0])]
-            del garbage
-            assert probe() is not None  # far past the young threshold, and nothing collected
-            for _ in range(100):
-                await asyncio.sleep(0.01)
-                if probe() is None:
-                    break
-            assert probe() is None  # the loop's timer collected it
-            assert collector.collections[0] >= 1
-        finally:
-            collector.stop()
-
-    asyncio.run(run())
-    assert gc.isenabled()  # stop gives automatic collection back
+def test_young_threshold_is_raised_alone() -> None:
+    before = gc.get_threshold()
+    try:
+        set_young_threshold(12_345)
+        assert gc.get_threshold() == (12_345, *before[1:])
+    finally:
+        gc.set_threshold(*before)
