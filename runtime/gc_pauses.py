@@ -18,13 +18,15 @@ needs no lock (one collection at a time per process).
 `set_young_threshold` (the router) makes young collections rarer. CPython 3.11 collects the
 young generation whenever tracked allocations net of frees pass 700, and every tenth young
 collection is a middle one. On a server those net allocations are mostly the state of requests
-in flight, alive at every collection and walked again each time: in the router at concurrency
+in flight, alive at every collection and walked again each time. In the router at concurrency
 32 (SmolLM2, 128 in / 64 out, this 2-core box) that was a young collection every ~5 requests
-(~0.5 ms each) and a middle one every ~60 (~2-3 ms): 0.14 ms of GC per request, and the middle
-ones sat in the router overhead's p99. At 10,000 the same load collects once per ~100 requests
-(~4-6 ms each, all generations), 0.06 ms per request. Memory cost: up to 10^4 more young
-objects (and their cyclic garbage, if any) alive before a collection, well under a megabyte.
-(CPython 3.13 raised its own young threshold to 2,000 for the same reason.)
+(~0.5 ms each) and a middle one every ~60 (~2-3 ms), the middle ones inside ~1.5 % of requests'
+overhead (its p99). At 10,000 the same load collects once per ~100 requests, 5-15 ms each:
+about the same GC time per request (0.14-0.15 ms), in ~20x fewer, longer pauses. The trade:
+the overhead's p99 no longer has a collection in it; the loop's longest stall grows (a token
+of every stream in flight waits behind it: the ITL's p99.9, not its p99). Memory: up to 10^4
+more young objects alive before a collection, well under a megabyte. (CPython 3.13 raised its
+own young threshold to 2,000.)
 """
 
 from __future__ import annotations
