@@ -237,13 +237,14 @@ async def _relay(
         raise RuntimeError(f"stream gave {i} of {messages} messages")
     first, last = marks
     n = messages - 1  # intervals between the marks: each is one whole relay
+    loop_cpu = (last.loop_cpu_s - first.loop_cpu_s) / n
     others = {k: (v - first.others_ns.get(k, 0)) / 1e9 / n for k, v in last.others_ns.items()}
     return {
         "seg_cpu": seg_cpu,
         "seg_wall": seg_wall,
-        "loop_cpu": (last.loop_cpu_s - first.loop_cpu_s) / n,
+        "loop_cpu": loop_cpu,
         "proc_cpu": (last.process_cpu_s - first.process_cpu_s) / n,
-        "threads_cpu": {"loop": (last.loop_cpu_s - first.loop_cpu_s) / n, **others},
+        "threads_cpu": {"loop": loop_cpu, **others},
         "nivcsw": (last.usage.ru_nivcsw - first.usage.ru_nivcsw) / n,
         "nvcsw": (last.usage.ru_nvcsw - first.usage.ru_nvcsw) / n,
     }
